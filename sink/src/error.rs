@@ -1,0 +1,166 @@
+//! The sink's errors: one variant per cause, each naming the operation and the path involved.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::record::Table;
+
+/// Everything that can go wrong while opening, writing or reading a lake.
+///
+/// Only [`SinkError::NotVisible`] means the flush was committed; after any other error of
+/// [`Lake::commit`](crate::Lake::commit) the flush is not in the lake and its sources must not be
+/// acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A file-system operation failed. `op` says which (`create`, `write`, `fsync`, `rename`,
+    /// ...), `path` is the absolute path it was applied to. For a failed rename, `path` is the
+    /// destination.
+    #[error("failed to {op} {}: {source}", path.display())]
+    Io {
+        /// The operation, as a verb phrase: "fsync", "create directory", ...
+        op: &'static str,
+        /// The file or directory it was applied to.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Encoding a Parquet file of a commit failed (a batch that does not fit the schema, or an
+    /// I/O error surfaced by the Parquet writer). Nothing of the flush was committed.
+    #[error("failed to write Parquet file {}: {source}", path.display())]
+    Parquet {
+        /// The temporary file being written.
+        path: PathBuf,
+        /// The Parquet writer's error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// [`encode_parquet`](crate::encode_parquet) failed; the output is unusable.
+    #[error("failed to encode Parquet: {source}")]
+    Encode {
+        /// The Parquet writer's error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// Splitting a batch into partitions failed (an Arrow kernel error). Nothing was written.
+    #[error("failed to partition {table} batch: {source}")]
+    Partition {
+        /// The table the batch belongs to.
+        table: Table,
+        /// The Arrow error.
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+
+    /// Another process (or another [`Lake`](crate::Lake) in this one) holds the writer's lock.
+    /// Two instances with one writer id would overwrite each other's files and commit records.
+    #[error(
+        "writer id `{writer}` is already in use: another process holds the lock {}; give each instance its own writer id",
+        lock_path.display()
+    )]
+    Locked {
+        /// The writer id asked for.
+        writer: String,
+        /// The lock file held by the other instance.
+        lock_path: PathBuf,
+    },
+
+    /// A writer id that is empty, longer than 64 characters, or has characters outside
+    /// `A-Z a-z 0-9 _ -`. Writer ids become part of file names, so nothing else is allowed.
+    #[error("writer id {id:?} is not valid: use 1-64 characters of A-Z a-z 0-9 _ -")]
+    InvalidWriterId {
+        /// The rejected id.
+        id: String,
+    },
+
+    /// A [`LakeOptions`](crate::LakeOptions) value out of range.
+    #[error("lake option `{field}` {why}")]
+    InvalidOptions {
+        /// The option's name.
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// A batch handed to [`Lake::commit`](crate::Lake::commit) does not have the lake's schema
+    /// for its table. Nothing was written.
+    #[error("a {table} batch does not match the lake's {table} schema: {why}")]
+    SchemaMismatch {
+        /// The table.
+        table: Table,
+        /// The first difference found.
+        why: String,
+    },
+
+    /// A commit record that is not valid JSON of the expected shape. Recovery stops here rather
+    /// than guess; the file needs a human (restore it from a backup, or move it away if its
+    /// flush is known to be lost).
+    #[error("commit record {} is corrupt: {source}", path.display())]
+    CorruptCommitRecord {
+        /// The record's file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A commit record that parses but contradicts its file name, has an unsupported version,
+    /// or names a path outside the lake's layout. Recovery refuses to act on it.
+    #[error("commit record {} is not valid: {why}", path.display())]
+    InvalidCommitRecord {
+        /// The record's file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// The commit point was passed (the commit record is durable) but making the files visible
+    /// failed. The flush **is committed**: its sources may be acknowledged. The lake finishes
+    /// the job at the next [`Lake::commit`](crate::Lake::commit) (a retry with the same flush
+    /// returns this commit's summary and writes nothing new) or at the next
+    /// [`Lake::open`](crate::Lake::open).
+    #[error(
+        "commit {commit} is durable but making its files visible failed; the next commit (or recovery at the next open) finishes it, and retrying this flush writes nothing twice: {source}"
+    )]
+    NotVisible {
+        /// The commit number.
+        commit: u64,
+        /// What failed.
+        #[source]
+        source: Box<SinkError>,
+    },
+
+    /// Writing the commit record failed in a way that leaves its durability unknown (the record
+    /// was renamed into place but fsyncing its directory failed). The lake accepts no more
+    /// commits; drop it and open the lake again (restart), and recovery decides from what is on
+    /// disk. The flush's sources must not be acknowledged: a redelivered reading that did get
+    /// committed is dropped as a duplicate by the recovered device checkpoints.
+    #[error(
+        "commit {commit} may or may not be durable ({cause}); this lake accepts no more commits: reopen it so recovery can decide"
+    )]
+    Poisoned {
+        /// The commit whose record may or may not be durable.
+        commit: u64,
+        /// The error that left it so, as text.
+        cause: String,
+    },
+}
+
+impl SinkError {
+    /// Whether the flush this error came from is durably committed (its sources may be
+    /// acknowledged): true only for [`SinkError::NotVisible`].
+    pub fn is_committed(&self) -> bool {
+        matches!(self, SinkError::NotVisible { .. })
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        SinkError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The sensorlake sink: the lake on a local folder.
+//!
+//! The sink owns the lake's layout (Hive partitions of `telemetry/` and `dead_letter/`),
+//! Parquet encoding, and the commit protocol that makes every flush durable and visible exactly
+//! once across crashes ([`lake`] explains it). It takes Arrow batches shaped by
+//! [`sensorlake_core::TelemetrySchema`] with the flush's counts, device checkpoints and opaque
+//! source positions, and knows nothing of where the records came from.
+//!
+//! All I/O is synchronous `std::fs`; async callers run [`Lake::commit`] on a blocking thread.
+//! Storage goes through one small internal module (`local`), the seam where an object-store
+//! backend plugs in later.
+//!
+//! ```text
+//! <lake>/telemetry/date=YYYY-MM-DD/hour=HH/part-<writer>-<commit:010>-<n:04>.parquet
+//! <lake>/dead_letter/date=YYYY-MM-DD/part-<writer>-<commit:010>-<n:04>.parquet
+//! <lake>/_sensorlake/commits/<writer>/<commit:020>.json
+//! <lake>/_sensorlake/tmp/<writer>/<commit:020>/<n>.parquet
+//! <lake>/_sensorlake/locks/<writer>.lock
+//! ```
+
+mod encode;
+mod error;
+pub mod lake;
+mod layout;
+mod local;
+mod options;
+mod partition;
+mod record;
+mod writer_id;
+
+#[cfg(test)]
+mod test_util;
+#[cfg(test)]
+mod tests;
+
+pub use encode::encode_parquet;
+pub use error::SinkError;
+#[doc(hidden)]
+pub use lake::CommitStep;
+pub use lake::{CommitSummary, Flush, Lake, Recovered};
+pub use options::LakeOptions;
+pub use record::{
+    COMMIT_RECORD_VERSION, CommitRecord, CommittedFile, FileEntry, Table, read_commit_records,
+};
+pub use writer_id::{MAX_WRITER_ID_LEN, WriterId};

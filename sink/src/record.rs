@@ -1,0 +1,235 @@
+//! Commit records: the JSON file per commit that makes a flush part of the lake, and reading
+//! them back.
+//!
+//! A record lists the flush's files (final and temporary paths, rows, bytes), its
+//! [`FlushCounts`], the [`DeviceCheckpoint`] of every device it touched, and the opaque
+//! positions of its sources. Its appearance under `_sensorlake/commits/<writer>/` is the commit
+//! point; see [`crate::lake`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use sensorlake_core::{DeviceCheckpoint, FlushCounts};
+use serde::{Deserialize, Serialize};
+
+use crate::SinkError;
+use crate::layout;
+use crate::local::LocalStore;
+use crate::writer_id::{self, WriterId};
+
+/// The commit record format this crate writes and reads.
+pub const COMMIT_RECORD_VERSION: u32 = 1;
+
+/// The lake's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Table {
+    /// Accepted readings, partitioned by `ts` into `telemetry/date=…/hour=…/`.
+    Telemetry,
+    /// Rejected input, partitioned by `received_at` into `dead_letter/date=…/`.
+    DeadLetter,
+}
+
+impl Table {
+    /// The table's folder under the lake root, which is also its name.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Table::Telemetry => "telemetry",
+            Table::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.dir())
+    }
+}
+
+/// One visible file of a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The table the file belongs to.
+    pub table: Table,
+    /// Path relative to the lake root, `/`-separated, e.g.
+    /// `telemetry/date=2026-11-27/hour=15/part-w0-0000000007-0000.parquet`.
+    pub path: String,
+    /// Rows in the file.
+    pub rows: u64,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
+/// One file as the commit record lists it: where it ends up and where it waits until then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedFile {
+    /// The table the file belongs to.
+    pub table: Table,
+    /// The final path, relative to the lake root.
+    pub path: String,
+    /// The temporary path it is written to first, relative to the lake root
+    /// (`_sensorlake/tmp/<writer>/<commit:020>/<n>.parquet`).
+    pub tmp_path: String,
+    /// Rows in the file.
+    pub rows: u64,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
+impl CommittedFile {
+    /// The file as a [`FileEntry`] (without its temporary path).
+    pub fn entry(&self) -> FileEntry {
+        FileEntry {
+            table: self.table,
+            path: self.path.clone(),
+            rows: self.rows,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// The record of one commit, stored as `_sensorlake/commits/<writer>/<commit:020>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    /// Format version; [`COMMIT_RECORD_VERSION`].
+    pub version: u32,
+    /// The writer id that made the commit.
+    pub writer: String,
+    /// The commit number, counting from 0 per writer.
+    pub commit: u64,
+    /// When the record was written (RFC 3339, UTC, milliseconds). For people; nothing depends
+    /// on it.
+    pub created_at: String,
+    /// The files of the flush, telemetry first, in partition order.
+    pub files: Vec<CommittedFile>,
+    /// What the flush accounted for.
+    pub counts: FlushCounts,
+    /// The checkpoint of every device the flush touched.
+    pub devices: BTreeMap<String, DeviceCheckpoint>,
+    /// The sources' positions after this flush, opaque to the sink (`null` for MQTT).
+    #[serde(default)]
+    pub sources: serde_json::Value,
+}
+
+impl CommitRecord {
+    /// Rows in all files.
+    pub fn rows(&self) -> u64 {
+        self.files.iter().map(|f| f.rows).sum()
+    }
+
+    /// Bytes in all files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+
+    /// Checks the record agrees with where it was found and names only paths of the lake's
+    /// layout, so that recovery can act on it without ever touching anything else.
+    fn check(&self, writer: &WriterId, commit: u64) -> Result<(), String> {
+        if self.version != COMMIT_RECORD_VERSION {
+            return Err(format!(
+                "version {} is not supported (this build reads version {COMMIT_RECORD_VERSION})",
+                self.version
+            ));
+        }
+        if self.writer != writer.as_str() {
+            return Err(format!(
+                "it names writer `{}` but lies in the folder of writer `{writer}`",
+                self.writer
+            ));
+        }
+        if self.commit != commit {
+            return Err(format!(
+                "it names commit {} but its file name says {commit}",
+                self.commit
+            ));
+        }
+        let tmp_prefix = format!("{}/", layout::tmp_commit_dir(writer, commit));
+        for f in &self.files {
+            let tmp_ok = f
+                .tmp_path
+                .strip_prefix(&tmp_prefix)
+                .and_then(|name| name.strip_suffix(".parquet"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !tmp_ok {
+                return Err(format!(
+                    "temporary path `{}` is outside `{tmp_prefix}`",
+                    f.tmp_path
+                ));
+            }
+            let final_ok = layout::is_plain_relative(&f.path)
+                && f.path.starts_with(&format!("{}/", f.table.dir()))
+                && f.path.ends_with(".parquet");
+            if !final_ok {
+                return Err(format!(
+                    "path `{}` is not a file of the {} table",
+                    f.path, f.table
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads every commit record of `writer`, in commit order, checking each.
+pub(crate) fn read_writer_records(
+    store: &LocalStore,
+    writer: &WriterId,
+) -> Result<Vec<CommitRecord>, SinkError> {
+    let dir = layout::commits_dir(writer);
+    let mut numbered: Vec<u64> = store
+        .list(&dir)?
+        .iter()
+        .filter_map(|name| layout::parse_commit_record_name(name))
+        .collect();
+    numbered.sort_unstable();
+    numbered
+        .into_iter()
+        .map(|commit| read_record(store, writer, commit))
+        .collect()
+}
+
+fn read_record(
+    store: &LocalStore,
+    writer: &WriterId,
+    commit: u64,
+) -> Result<CommitRecord, SinkError> {
+    let rel = layout::commit_record(writer, commit);
+    let bytes = store.read(&rel)?;
+    let record: CommitRecord =
+        serde_json::from_slice(&bytes).map_err(|source| SinkError::CorruptCommitRecord {
+            path: store.abs(&rel),
+            source,
+        })?;
+    record
+        .check(writer, commit)
+        .map_err(|why| SinkError::InvalidCommitRecord {
+            path: store.abs(&rel),
+            why,
+        })?;
+    Ok(record)
+}
+
+/// Reads every commit record of every writer in the lake at `root`: writers in name order, each
+/// writer's records in commit order. For `verify` and status tools; it takes no lock and
+/// changes nothing, so it may run while writers are committing (a record being written is not
+/// seen until its rename).
+///
+/// Folders under `_sensorlake/commits/` whose names are not valid writer ids are skipped.
+///
+/// # Errors
+/// [`SinkError::Io`] when a folder or record cannot be read,
+/// [`SinkError::CorruptCommitRecord`] / [`SinkError::InvalidCommitRecord`] for a damaged
+/// record.
+pub fn read_commit_records(root: &Path) -> Result<Vec<CommitRecord>, SinkError> {
+    let store = LocalStore::new(root, false);
+    let mut all = Vec::new();
+    for name in store.list(layout::COMMITS_DIR)? {
+        if !writer_id::is_valid(&name) {
+            continue;
+        }
+        let writer = WriterId::try_new(&name)?;
+        all.extend(read_writer_records(&store, &writer)?);
+    }
+    Ok(all)
+}

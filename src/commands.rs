@@ -1,0 +1,511 @@
+//! The commands of the `sensorlake` binary. Only this module (and `main`) uses `anyhow`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sensorlake_ingest::MqttProtocol;
+use sensorlake_simulator::{FleetSpec, Manifest, SimStats, SimulateOptions};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+use crate::pipeline::{self, PipelineStats};
+
+/// sensorlake: MQTT telemetry in, validated and enriched Parquet out.
+#[derive(Debug, Parser)]
+#[command(name = "sensorlake", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline: subscribe, validate, enrich, write Parquet, acknowledge after commit.
+    Run(RunArgs),
+    /// Publish simulated telemetry v1 to an MQTT broker and write a manifest of what was sent.
+    Simulate(SimulateArgs),
+    /// Check that a lake holds exactly what a simulator manifest says was sent.
+    Verify(VerifyArgs),
+    /// Embedded broker + pipeline + simulator + verify, with no setup at all.
+    #[cfg(feature = "demo")]
+    Demo(DemoArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `sensorlake run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (every key optional; env SENSORLAKE_<SECTION>__<KEY> overrides).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Broker URL, mqtt://HOST:PORT (overrides mqtt.url).
+    #[arg(long)]
+    pub mqtt: Option<String>,
+    /// Topic filter to subscribe to; repeat for several (overrides mqtt.topics).
+    #[arg(long = "topic")]
+    pub topics: Vec<String>,
+    /// MQTT protocol version (overrides mqtt.protocol).
+    #[arg(long, value_enum)]
+    pub protocol: Option<ProtocolArg>,
+    /// Lake folder (overrides lake.path).
+    #[arg(long)]
+    pub lake: Option<PathBuf>,
+    /// Writer id of this instance (overrides lake.writer_id).
+    #[arg(long)]
+    pub writer_id: Option<String>,
+    /// Device registry CSV (overrides registry.path).
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9898 (overrides metrics.addr).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// MQTT protocol on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProtocolArg {
+    /// MQTT 3.1.1.
+    V4,
+    /// MQTT 5.
+    V5,
+}
+
+/// `sensorlake simulate`.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Broker URL, mqtt://HOST:PORT.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt: String,
+    /// Number of devices in the fleet.
+    #[arg(long, default_value_t = 500)]
+    pub devices: usize,
+    /// Readings to publish (default 10,000 unless --duration is given).
+    #[arg(long)]
+    pub readings: Option<u64>,
+    /// Publish for this long instead, e.g. 30s, 5m.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Messages per second; omit for as fast as possible.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// QoS 0 or 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Share of messages that are invalid, 0.0-1.0, cycling through every kind the spec names.
+    #[arg(long, default_value_t = 0.0)]
+    pub bad_ratio: f64,
+    /// Random seed; the same seed publishes the same messages.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write the manifest of what the broker acknowledged here.
+    #[arg(long, default_value = "manifest.json")]
+    pub manifest: PathBuf,
+    /// Write the fleet's device registry CSV here.
+    #[arg(long)]
+    pub registry_out: Option<PathBuf>,
+    /// MQTT client id of the simulator.
+    #[arg(long, default_value = "sensorlake-simulator")]
+    pub client_id: String,
+}
+
+/// `sensorlake verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The lake folder.
+    #[arg(long)]
+    pub lake: PathBuf,
+    /// The manifest written by `sensorlake simulate`.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Configuration (for custom device types).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sensorlake demo`.
+#[cfg(feature = "demo")]
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder for the demo's lake, manifest and registry (replaced on each run).
+    #[arg(long, default_value = "sensorlake-demo")]
+    pub lake: PathBuf,
+    /// Readings to send.
+    #[arg(long, default_value_t = 200_000)]
+    pub readings: u64,
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 500)]
+    pub devices: usize,
+    /// Share of invalid messages.
+    #[arg(long, default_value_t = 0.01)]
+    pub bad_ratio: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// `sensorlake config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration and print the effective result (secrets left out).
+    Check {
+        /// The file; without it, the defaults plus environment overrides are checked.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// A usage or configuration error: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error: 2 for usage and configuration errors, else 1.
+pub fn exit_code_for(e: &anyhow::Error) -> u8 {
+    let config = e.chain().any(|c| {
+        c.is::<UsageError>()
+            || c.is::<crate::config::ConfigError>()
+            || matches!(
+                c.downcast_ref::<pipeline::PipelineError>(),
+                Some(pipeline::PipelineError::Config(_) | pipeline::PipelineError::Source(_))
+            )
+    });
+    if config { 2 } else { 1 }
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), stderr output.
+pub fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,rumqttc=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the command.
+///
+/// # Errors
+/// Whatever the command failed with, with context.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(a) => run(a).await,
+        Command::Simulate(a) => simulate(a).await,
+        Command::Verify(a) => verify(a),
+        #[cfg(feature = "demo")]
+        Command::Demo(a) => crate::demo::run(a).await,
+        Command::Config(ConfigCommand::Check { config }) => config_check(config),
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut config = load_config(a.config.as_deref())?;
+    if let Some(u) = a.mqtt {
+        config.mqtt.url = u;
+    }
+    if !a.topics.is_empty() {
+        config.mqtt.topics = a.topics;
+    }
+    if let Some(p) = a.protocol {
+        config.mqtt.protocol = match p {
+            ProtocolArg::V4 => MqttProtocol::V4,
+            ProtocolArg::V5 => MqttProtocol::V5,
+        };
+    }
+    if let Some(l) = a.lake {
+        config.lake.path = l;
+    }
+    if let Some(w) = a.writer_id {
+        config.lake.writer_id = w;
+    }
+    if let Some(r) = a.registry {
+        config.registry.path = Some(r);
+    }
+    if let Some(m) = a.metrics_addr {
+        config.metrics.addr = Some(m);
+    }
+    config.validate()?;
+    if let Some(addr) = config.metrics.addr {
+        crate::telemetry::install(addr).map_err(|e| anyhow::anyhow!(e))?;
+        info!(%addr, "Serving Prometheus metrics at /metrics");
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let stats = Arc::new(PipelineStats::default());
+    pipeline::run(config, shutdown, stats).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::warn!("Cannot install signal handlers; stop with SIGKILL");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        token.cancel();
+    });
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 5m or 2h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A progress bar on a terminal, periodic log lines elsewhere.
+pub fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let pb = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    if std::io::stderr().is_terminal() {
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_message(what.to_owned());
+    } else {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb
+}
+
+async fn simulate(a: SimulateArgs) -> anyhow::Result<ExitCode> {
+    let addr = sensorlake_ingest::mqtt::config::parse_url(&a.mqtt)
+        .map_err(|e| UsageError(e.to_string()))?;
+    if !(0.0..=1.0).contains(&a.bad_ratio) {
+        bail!(UsageError(format!(
+            "--bad-ratio {} must be between 0 and 1",
+            a.bad_ratio
+        )));
+    }
+    if a.readings.is_some() && a.duration.is_some() {
+        bail!(UsageError("give --readings or --duration, not both".into()));
+    }
+    let readings = if a.duration.is_none() {
+        Some(a.readings.unwrap_or(10_000))
+    } else {
+        None
+    };
+    let spec = FleetSpec {
+        devices: a.devices.max(1),
+        seed: a.seed,
+        bad_ratio: a.bad_ratio,
+        ..FleetSpec::default()
+    };
+    if let Some(path) = &a.registry_out {
+        write_registry(&spec, path)?;
+    }
+    let opts = SimulateOptions {
+        mqtt_host: addr.host,
+        mqtt_port: addr.port,
+        client_id: a.client_id,
+        fleet: spec,
+        readings,
+        duration: a.duration,
+        rate: a.rate,
+        qos: a.qos,
+        ..SimulateOptions::default()
+    };
+    let stats = Arc::new(SimStats::default());
+    let manifest = match run_simulation(opts, stats).await {
+        Ok(m) => m,
+        Err(e) => {
+            // What the broker did confirm is still worth verifying against.
+            if let Some(m) = e.partial_manifest() {
+                m.write(&a.manifest).with_context(|| {
+                    format!(
+                        "failed to write the partial manifest {}",
+                        a.manifest.display()
+                    )
+                })?;
+                tracing::warn!(manifest = %a.manifest.display(), confirmed = m.messages,
+                               "Wrote a partial manifest of what the broker confirmed");
+            }
+            return Err(e.into());
+        }
+    };
+    manifest
+        .write(&a.manifest)
+        .with_context(|| format!("failed to write the manifest {}", a.manifest.display()))?;
+    info!(messages = manifest.messages, valid = manifest.valid_count(), bad = manifest.bad.len(),
+          manifest = %a.manifest.display(), "Simulation finished");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the fleet's registry CSV to `path`.
+pub fn write_registry(spec: &FleetSpec, path: &std::path::Path) -> anyhow::Result<()> {
+    let fleet = sensorlake_simulator::Fleet::new(spec.clone());
+    let f = std::fs::File::create(path)
+        .with_context(|| format!("failed to create the registry file {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    fleet
+        .write_registry_csv(&mut w)
+        .with_context(|| format!("failed to write the registry file {}", path.display()))?;
+    std::io::Write::flush(&mut w)
+        .with_context(|| format!("failed to write the registry file {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs the simulator with a progress display; Ctrl-C stops it gracefully (the manifest then
+/// holds what was confirmed so far).
+pub async fn run_simulation(
+    opts: SimulateOptions,
+    stats: Arc<SimStats>,
+) -> Result<Manifest, sensorlake_simulator::SimError> {
+    let pb = progress_bar(opts.readings, "published");
+    let ticker = {
+        let stats = stats.clone();
+        let pb = pb.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut last_log = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let sent = stats.published.load(std::sync::atomic::Ordering::Relaxed);
+                pb.set_position(sent);
+                if pb.is_hidden() && last_log.elapsed() >= Duration::from_secs(5) {
+                    last_log = Instant::now();
+                    let acked = stats.acked.load(std::sync::atomic::Ordering::Relaxed);
+                    info!(
+                        published = sent,
+                        acked,
+                        rate = (sent as f64 / started.elapsed().as_secs_f64()) as u64,
+                        "Simulating"
+                    );
+                }
+            }
+        })
+    };
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = sensorlake_simulator::simulate_until(opts, stats, stop).await;
+    ticker.abort();
+    pb.finish_and_clear();
+    result
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(a.config.as_deref())?;
+    let schema = config.validate()?;
+    let manifest = Manifest::read(&a.manifest)
+        .with_context(|| format!("failed to read the manifest {}", a.manifest.display()))?;
+    let report = sensorlake_simulator::verify(&a.lake, &manifest, &schema)
+        .with_context(|| format!("failed to verify the lake {}", a.lake.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.is_exact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn config_check(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let config = load_config(path.as_deref())?;
+    let schema = config.validate()?;
+    if let Some(p) = &config.registry.path {
+        let r = sensorlake_transform::Registry::from_csv_path(p)?;
+        eprintln!("registry {}: {} devices", p.display(), r.len());
+    }
+    eprintln!(
+        "configuration is valid: {} device types, {} metric columns",
+        schema.device_types().len(),
+        schema.metric_columns().len()
+    );
+    println!("{}", config.to_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,416 @@
+//! The running pipeline: MQTT source → batcher → transform (rayon) → lake commit → acks.
+//!
+//! One task owns the batch being built. Deliveries arrive on the source's bounded channel and
+//! are appended; when the [`FlushPolicy`] says so (or the age timer fires, or shutdown comes),
+//! the batch is transformed on the rayon pool, committed to the lake on a blocking thread,
+//! and only then acknowledged, in receive order. While a flush runs nothing new is taken from
+//! the channel: it fills, the event loop stops reading, and the broker stops sending — memory
+//! stays bounded by the channel, the batch and the broker's window.
+//!
+//! A failed commit is retried with the same batch (same commit number, same files) with a
+//! capped, jittered backoff; nothing is acknowledged meanwhile. At shutdown the retries stop
+//! after the shutdown timeout and the process exits non-zero, leaving the unacknowledged
+//! messages to the broker.
+
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sensorlake_core::{FlushCounts, RawRecord, SourceKind, TelemetrySchema};
+use sensorlake_ingest::backoff::Backoff;
+use sensorlake_ingest::{AckToken, MqttAcker, MqttProtocol, MqttSource};
+use sensorlake_sink::{Flush, Lake, SinkError};
+use sensorlake_transform::{Registry, TransformOutput, Transformer};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::telemetry;
+pub use policy::{FlushPolicy, FlushTrigger};
+
+/// Live totals of a running pipeline, updated after every commit (shared with the demo and
+/// the progress display).
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    /// Readings committed (accepted + rejected + duplicates).
+    pub received: AtomicU64,
+    /// Readings in the telemetry table.
+    pub accepted: AtomicU64,
+    /// Readings in the dead-letter table.
+    pub rejected: AtomicU64,
+    /// Readings dropped as duplicates.
+    pub duplicates: AtomicU64,
+    /// Messages committed and acknowledged.
+    pub messages: AtomicU64,
+    /// Commits.
+    pub commits: AtomicU64,
+    /// Files written.
+    pub files: AtomicU64,
+    /// Bytes written.
+    pub bytes: AtomicU64,
+    /// The source's connection state, once it has started.
+    source: std::sync::OnceLock<Arc<sensorlake_ingest::mqtt::source::SourceEvent>>,
+}
+
+impl PipelineStats {
+    /// Whether the source is subscribed: messages published from now on reach the pipeline.
+    pub fn is_subscribed(&self) -> bool {
+        self.source
+            .get()
+            .is_some_and(|e| e.subscribed.load(Ordering::Relaxed))
+    }
+}
+
+/// What a run did, for the final log line and the demo summary.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Totals of this run (recovered totals not included).
+    pub counts: FlushCounts,
+    /// Commits made.
+    pub commits: u64,
+    /// Files written.
+    pub files: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The MQTT in-flight window detected as pinned by the broker, if any.
+    pub pinned_window: Option<usize>,
+}
+
+/// Why the pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The configuration cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The registry file could not be loaded.
+    #[error("failed to load the device registry: {0}")]
+    Registry(#[from] sensorlake_transform::RegistryError),
+    /// The lake could not be opened or recovered.
+    #[error("failed to open the lake: {0}")]
+    OpenLake(#[source] SinkError),
+    /// The MQTT source configuration is invalid.
+    #[error("invalid MQTT settings: {0}")]
+    Source(#[from] sensorlake_ingest::mqtt::config::ConfigError),
+    /// Commits kept failing until the shutdown deadline; nothing uncommitted was acknowledged.
+    #[error(
+        "gave up committing after {attempts} attempts at shutdown; the unacknowledged messages stay with the broker: {source}"
+    )]
+    CommitGaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        #[source]
+        source: SinkError,
+    },
+    /// A transform or blocking task panicked (a bug).
+    #[error("internal task failed: {0}")]
+    Internal(String),
+}
+
+/// The messages received and not yet committed.
+struct Pending {
+    records: Vec<RawRecord>,
+    acks: Vec<AckToken>,
+    bytes: usize,
+    oldest: Option<Instant>,
+    last_arrival: Instant,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Self {
+            records: Vec::new(),
+            acks: Vec::new(),
+            bytes: 0,
+            oldest: None,
+            last_arrival: Instant::now(),
+        }
+    }
+
+    fn push(&mut self, record: RawRecord, ack: AckToken) {
+        let now = Instant::now();
+        self.oldest.get_or_insert(now);
+        self.last_arrival = now;
+        self.bytes += record.payload.len();
+        self.records.push(record);
+        self.acks.push(ack);
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+}
+
+/// Everything a flush needs, moved between the async task and the worker threads.
+struct Stages {
+    transformer: Option<Transformer>,
+    lake: Option<Lake>,
+    acker: MqttAcker,
+    stats: Arc<PipelineStats>,
+    summary: RunSummary,
+    shutdown: CancellationToken,
+    shutdown_timeout: Duration,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs the MQTT → lake pipeline until `shutdown` is cancelled, then stops intake, commits
+/// what was received, acknowledges it and returns.
+///
+/// # Errors
+/// Bad configuration, an unreadable registry, a lake that cannot be opened, or commits that
+/// still fail at the shutdown deadline.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    stats: Arc<PipelineStats>,
+) -> Result<RunSummary, PipelineError> {
+    let schema = Arc::new(config.validate()?);
+    let registry = Arc::new(match &config.registry.path {
+        Some(p) => Registry::from_csv_path(p)?,
+        None => Registry::empty(),
+    });
+    let (lake, recovered) = open_lake(&config, schema.clone()).await?;
+    info!(
+        lake = %config.lake.path.display(),
+        writer = %config.lake.writer_id,
+        last_commit = ?recovered.last_commit,
+        devices = recovered.devices.len(),
+        files_made_visible = recovered.files_made_visible,
+        files_removed = recovered.files_removed,
+        registry_devices = registry.len(),
+        "Opened lake"
+    );
+    let mut transformer = Transformer::new(schema, config.transform.clone(), registry);
+    transformer.restore(recovered.devices);
+
+    let max_messages = config
+        .flush
+        .max_messages
+        .unwrap_or(match config.mqtt.protocol {
+            MqttProtocol::V5 => (usize::from(config.mqtt.receive_maximum) / 2).max(1),
+            MqttProtocol::V4 => 10_000,
+        });
+    let mut policy = FlushPolicy::new(max_messages, config.flush.max_bytes, config.max_age());
+    let mut source = MqttSource::start(&config.mqtt, &config.client_id(), max_messages)?;
+    info!(broker = %source.addr(), client_id = %config.client_id(), protocol = ?config.mqtt.protocol,
+          flush_messages = max_messages, "Starting MQTT source");
+
+    let mut stages = Stages {
+        transformer: Some(transformer),
+        lake: Some(lake),
+        acker: source.acker(),
+        stats: stats.clone(),
+        summary: RunSummary::default(),
+        shutdown: shutdown.clone(),
+        shutdown_timeout: Duration::from_secs(config.shutdown.timeout_secs),
+    };
+    let _ = stats.source.set(source.acker().events().clone());
+    let mut pending = Pending::new();
+
+    loop {
+        let deadline = pending.oldest.map(|t| t + policy.max_age());
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            d = source.deliveries.recv() => {
+                let Some(d) = d else { break };
+                pending.push(d.record, d.ack);
+                telemetry::set_in_flight(pending.len());
+                if let Some(trigger) = policy.check(pending.len(), pending.bytes) {
+                    stages.flush(&mut pending, trigger).await?;
+                }
+            }
+            () = sleep_until_opt(deadline) => {
+                if let Some(window) = policy.on_age_flush(pending.len(), pending.last_arrival.elapsed()) {
+                    warn!(
+                        window,
+                        "The broker stops sending at {window} unacknowledged messages, which pins the commit \
+                         cadence to {window} messages per {} ms. Use MQTT 5 (mqtt.protocol = \"v5\") or raise \
+                         the broker's window (Mosquitto: max_inflight_messages 0). Flushing every {} messages now.",
+                        policy.max_age().as_millis(),
+                        policy.threshold()
+                    );
+                    stages.summary.pinned_window = Some(window);
+                }
+                stages.flush(&mut pending, FlushTrigger::Age).await?;
+            }
+        }
+    }
+
+    info!("Shutting down: stopping intake, committing and acknowledging what was received");
+    source.stop_intake();
+    while let Ok(d) = source.deliveries.try_recv() {
+        pending.push(d.record, d.ack);
+    }
+    stages.flush(&mut pending, FlushTrigger::Shutdown).await?;
+    source.shutdown(Duration::from_secs(5)).await;
+    let s = &stages.summary;
+    info!(
+        received = s.counts.received,
+        accepted = s.counts.accepted,
+        rejected = s.counts.rejected_total(),
+        duplicates = s.counts.duplicates,
+        commits = s.commits,
+        files = s.files,
+        bytes = s.bytes,
+        "Stopped"
+    );
+    Ok(stages.summary)
+}
+
+async fn open_lake(
+    config: &Config,
+    schema: Arc<TelemetrySchema>,
+) -> Result<(Lake, sensorlake_sink::Recovered), PipelineError> {
+    let path = config.lake.path.clone();
+    let writer = config.lake.writer_id.clone();
+    let options = config.lake.options();
+    tokio::task::spawn_blocking(move || Lake::open(&path, &writer, schema, options))
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))?
+        .map_err(PipelineError::OpenLake)
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Stages {
+    /// Transforms, commits and acknowledges everything pending.
+    async fn flush(
+        &mut self,
+        pending: &mut Pending,
+        trigger: FlushTrigger,
+    ) -> Result<(), PipelineError> {
+        if pending.len() == 0 {
+            pending.oldest = None;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let records = std::mem::take(&mut pending.records);
+        let acks = std::mem::take(&mut pending.acks);
+        pending.bytes = 0;
+        pending.oldest = None;
+        let messages = records.len() as u64;
+
+        let mut transformer = self
+            .transformer
+            .take()
+            .expect("the transformer is returned after every flush");
+        let now = now_ms();
+        let (transformer, output) = crate::cpu::run(move || {
+            let out = transformer.process(SourceKind::Mqtt, &records, now);
+            (transformer, out)
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))?;
+        self.transformer = Some(transformer);
+        debug_assert!(output.counts.adds_up());
+
+        let output_counts = output.counts.clone();
+        let summary = self.commit_with_retry(Arc::new(output)).await?;
+
+        // The commit is durable: only now are the messages acknowledged, in receive order.
+        self.acker.ack(&acks).await;
+        telemetry::set_in_flight(pending.len());
+
+        let secs = started.elapsed().as_secs_f64();
+        telemetry::record_commit(&output_counts, &summary, trigger.as_str(), secs);
+        let st = &self.stats;
+        st.received
+            .fetch_add(output_counts.received, Ordering::Relaxed);
+        st.accepted
+            .fetch_add(output_counts.accepted, Ordering::Relaxed);
+        st.rejected
+            .fetch_add(output_counts.rejected_total(), Ordering::Relaxed);
+        st.duplicates
+            .fetch_add(output_counts.duplicates, Ordering::Relaxed);
+        st.messages.fetch_add(messages, Ordering::Relaxed);
+        st.commits.fetch_add(1, Ordering::Relaxed);
+        st.files
+            .fetch_add(summary.files.len() as u64, Ordering::Relaxed);
+        st.bytes.fetch_add(summary.bytes, Ordering::Relaxed);
+        let s = &mut self.summary;
+        s.counts.add(&output_counts);
+        s.commits += 1;
+        s.files += summary.files.len() as u64;
+        s.bytes += summary.bytes;
+        tracing::debug!(
+            commit = summary.commit,
+            messages,
+            trigger = trigger.as_str(),
+            files = summary.files.len(),
+            ms = (secs * 1000.0) as u64,
+            "Committed"
+        );
+        Ok(())
+    }
+
+    /// Commits `output`, retrying the same flush until it succeeds or the shutdown deadline
+    /// passes.
+    async fn commit_with_retry(
+        &mut self,
+        output: Arc<TransformOutput>,
+    ) -> Result<sensorlake_sink::CommitSummary, PipelineError> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut gave_up_at: Option<Instant> = None;
+        loop {
+            let mut lake = self
+                .lake
+                .take()
+                .expect("the lake is returned after every commit");
+            let out = output.clone();
+            let (lake, result) = tokio::task::spawn_blocking(move || {
+                let sources = serde_json::Value::Null;
+                let flush = Flush {
+                    telemetry: std::slice::from_ref(&out.telemetry),
+                    dead_letters: std::slice::from_ref(&out.dead_letters),
+                    counts: &out.counts,
+                    devices: &out.devices,
+                    sources: &sources,
+                };
+                let r = lake.commit(&flush);
+                (lake, r)
+            })
+            .await
+            .map_err(|e| PipelineError::Internal(e.to_string()))?;
+            self.lake = Some(lake);
+            match result {
+                Ok(summary) => return Ok(summary),
+                Err(e) => {
+                    metrics::counter!("sensorlake_commit_errors_total").increment(1);
+                    let delay = backoff.next_delay();
+                    error!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
+                           "Commit failed; nothing of this batch is acknowledged, retrying");
+                    if self.shutdown.is_cancelled() {
+                        let since = *gave_up_at.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.shutdown_timeout {
+                            return Err(PipelineError::CommitGaveUp {
+                                attempts: backoff.attempts(),
+                                source: e,
+                            });
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// Rejected readings by reason class, for summaries.
+pub fn rejected_by_reason(counts: &FlushCounts) -> BTreeMap<String, u64> {
+    counts.rejected.clone()
+}

@@ -1,0 +1,311 @@
+//! Shared helpers for integration tests: a real Mosquitto broker on a free loopback port with
+//! the project's own configuration, and the `sensorlake` binary run as a user runs it.
+//!
+//! Everything a test starts is stopped when its handle drops.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The project's Mosquitto settings for lossless persistent sessions (see README).
+pub const MOSQUITTO_CONF: &str = "\
+allow_anonymous true
+persistence true
+autosave_interval 1
+autosave_on_changes false
+max_queued_messages 0
+max_inflight_messages 0
+message_size_limit 1048000
+";
+
+fn mosquitto_binary() -> PathBuf {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!(
+        "mosquitto is not installed: these tests need the real broker. Install it with \
+         `apt-get install mosquitto` (scripts/test does this for you)."
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `cond` holds, panicking with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Mosquitto broker owned by a test.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra: String,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with the project's configuration.
+    pub fn start() -> Self {
+        Self::start_with(MOSQUITTO_CONF)
+    }
+
+    /// Starts Mosquitto with `conf` (a listener and persistence location are added).
+    pub fn start_with(conf: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Mosquitto started as root drops to the `mosquitto` user: let it write its
+        // persistence file here.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let mut m = Mosquitto {
+            port: 0,
+            dir,
+            child: None,
+            extra: conf.to_owned(),
+        };
+        for _ in 0..5 {
+            m.port = free_port();
+            if m.spawn() {
+                return m;
+            }
+        }
+        panic!(
+            "mosquitto failed to start 5 times; see {}",
+            m.log_path().display()
+        );
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mosquitto.log")
+    }
+
+    fn spawn(&mut self) -> bool {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\npersistence_location {}/\n{}",
+                self.port,
+                self.dir.path().display(),
+                self.extra
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("failed to run mosquitto");
+        self.child = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker (SIGTERM, so it saves its persistence file) and starts it again on the
+    /// same port with the same state.
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(
+            self.spawn(),
+            "mosquitto did not come back on port {}",
+            self.port
+        );
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let start = Instant::now();
+            while c.try_wait().unwrap().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends a signal by name to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// The `sensorlake` binary under test.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sensorlake"));
+    c.env("RUST_LOG", "info");
+    c.env_remove("SENSORLAKE_MQTT__URL");
+    c
+}
+
+/// A running `sensorlake run`, its stderr captured to a file.
+pub struct Pipeline {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Pipeline {
+    /// Starts `sensorlake run ARGS`, logging to `log`, and waits until it has subscribed.
+    pub fn start(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = bin();
+        cmd.arg("run").args(args).stdout(Stdio::null()).stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let p = Pipeline {
+            child: Some(child),
+            log: log.to_owned(),
+        };
+        let start = Instant::now();
+        let needle = "Subscribed to MQTT topics";
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            // Count subscriptions: a restart appends to the same log.
+            if text.matches(needle).count() > p.previous_subscriptions(&text) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "sensorlake did not subscribe within 30 s; log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn previous_subscriptions(&self, text: &str) -> usize {
+        text.matches("Starting MQTT source")
+            .count()
+            .saturating_sub(1)
+    }
+
+    /// SIGKILL: no shutdown, no flush, no acknowledgement.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status once it has stopped.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("the pipeline is running");
+        signal(c.id(), "TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                panic!(
+                    "sensorlake did not stop within 60 s of SIGTERM; log: {}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a `sensorlake` subcommand to completion.
+pub fn run_cmd(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+/// Readings committed to the lake so far (sum of `counts.received` of all commit records).
+pub fn committed_readings(lake: &Path) -> u64 {
+    match sensorlake_sink::read_commit_records(lake) {
+        Ok(records) => records.iter().map(|r| r.counts.received).sum(),
+        Err(_) => 0,
+    }
+}
+
+/// Reads a whole file as a string (empty when missing).
+pub fn read(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}

@@ -1,0 +1,415 @@
+//! End-to-end tests through a real Mosquitto broker and the real `sensorlake` binary:
+//! exactness, ack-after-commit across SIGKILL, 100 % bad input, a broker restart, the demo,
+//! and the lake read by DuckDB and pyarrow.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Scrapes `/metrics` and returns the value of one sample (summing over label sets).
+fn metric(addr: &str, name: &str) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn manifest_messages(path: &Path) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&read(path)).unwrap();
+    v["messages"].as_u64().unwrap()
+}
+
+fn write_registry(url: &str, dir: &Path, devices: &str, seed: &str) -> String {
+    let reg = dir.join("registry.csv");
+    let out = run_cmd(&[
+        "simulate",
+        "--mqtt",
+        url,
+        "--devices",
+        devices,
+        "--seed",
+        seed,
+        "--readings",
+        "0",
+        "--manifest",
+        dir.join("empty-manifest.json").to_str().unwrap(),
+        "--registry-out",
+        reg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "simulate --readings 0 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reg.to_str().unwrap().to_owned()
+}
+
+fn verify(lake: &Path, manifest: &Path) -> (bool, String) {
+    let out = run_cmd(&[
+        "verify",
+        "--lake",
+        lake.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn end_to_end_100k_readings_with_2pct_bad_are_exact_and_readable_by_duckdb_and_pyarrow() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let manifest = dir.path().join("manifest.json");
+    let reg = write_registry(&broker.url(), dir.path(), "300", "7");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut p = Pipeline::start(
+        &[
+            "--mqtt",
+            &broker.url(),
+            "--lake",
+            lake.to_str().unwrap(),
+            "--registry",
+            &reg,
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &dir.path().join("pipeline.log"),
+        &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
+    );
+    let out = run_cmd(&[
+        "simulate",
+        "--mqtt",
+        &broker.url(),
+        "--devices",
+        "300",
+        "--readings",
+        "100000",
+        "--bad-ratio",
+        "0.02",
+        "--seed",
+        "7",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "simulate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = manifest_messages(&manifest);
+    assert_eq!(sent, 100_000, "the broker acknowledged every QoS 1 publish");
+    wait_for(
+        "every reading to be committed",
+        Duration::from_secs(120),
+        || committed_readings(&lake) >= sent,
+    );
+
+    // The counters add up, and nothing is left in flight once everything is committed.
+    let received = metric(&metrics_addr, "sensorlake_readings_received_total");
+    let accepted = metric(&metrics_addr, "sensorlake_readings_accepted_total");
+    let rejected = metric(&metrics_addr, "sensorlake_readings_rejected_total");
+    let duplicates = metric(&metrics_addr, "sensorlake_readings_duplicate_total");
+    assert_eq!(received, sent as f64);
+    assert_eq!(received, accepted + rejected + duplicates);
+    assert!(rejected >= 1000.0, "2% of 100,000 are bad: {rejected}");
+    assert_eq!(metric(&metrics_addr, "sensorlake_messages_in_flight"), 0.0);
+
+    assert!(
+        p.terminate().success(),
+        "SIGTERM must exit 0; log:\n{}",
+        p.log_text()
+    );
+    let (exact, report) = verify(&lake, &manifest);
+    assert!(exact, "verify must be exact:\n{report}");
+
+    // DuckDB and pyarrow read the lake: row counts, partition columns, aggregates.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&lake)
+        .arg(&manifest)
+        .arg(&reg)
+        .output()
+        .expect("python3 is needed for the interop test");
+    assert!(
+        out.status.success(),
+        "DuckDB/pyarrow interop failed (install with `pip install duckdb pyarrow`; scripts/test does):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let manifest = dir.path().join("manifest.json");
+    let log = dir.path().join("pipeline.log");
+    let reg = write_registry(&broker.url(), dir.path(), "200", "11");
+    let args = [
+        "--mqtt",
+        &broker.url(),
+        "--lake",
+        lake.to_str().unwrap(),
+        "--registry",
+        &reg,
+    ];
+    let env = [
+        ("SENSORLAKE_FLUSH__MAX_AGE_MS", "100"),
+        ("SENSORLAKE_FLUSH__MAX_MESSAGES", "2000"),
+    ];
+    let mut p = Pipeline::start(&args, &log, &env);
+
+    let mut sim = bin()
+        .args([
+            "simulate",
+            "--mqtt",
+            &broker.url(),
+            "--devices",
+            "200",
+            "--readings",
+            "60000",
+            "--rate",
+            "15000",
+            "--bad-ratio",
+            "0.02",
+            "--seed",
+            "11",
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    for round in 1..=3u64 {
+        wait_for(
+            "some commits before the kill",
+            Duration::from_secs(60),
+            || committed_readings(&lake) >= round * 9_000,
+        );
+        p.kill9();
+        p = Pipeline::start(&args, &log, &env);
+    }
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "the simulator failed");
+
+    let sent = manifest_messages(&manifest);
+    let start = Instant::now();
+    let (mut exact, mut report) = verify(&lake, &manifest);
+    while !exact && start.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(500));
+        (exact, report) = verify(&lake, &manifest);
+    }
+    assert!(
+        exact,
+        "after 3 SIGKILLs the lake must hold exactly the {sent} readings sent:\n{report}"
+    );
+    assert!(p.terminate().success());
+    let (exact, report) = verify(&lake, &manifest);
+    assert!(exact, "{report}");
+    let text = read(&log);
+    assert!(
+        text.contains("files_made_visible"),
+        "recovery ran at each restart"
+    );
+}
+
+#[test]
+fn all_bad_input_is_dead_lettered_and_acknowledged_without_leaking_in_flight_messages() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let manifest = dir.path().join("manifest.json");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut p = Pipeline::start(
+        &[
+            "--mqtt",
+            &broker.url(),
+            "--lake",
+            lake.to_str().unwrap(),
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &dir.path().join("pipeline.log"),
+        &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
+    );
+    let out = run_cmd(&[
+        "simulate",
+        "--mqtt",
+        &broker.url(),
+        "--devices",
+        "50",
+        "--readings",
+        "8000",
+        "--bad-ratio",
+        "1.0",
+        "--seed",
+        "3",
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = manifest_messages(&manifest);
+    wait_for(
+        "every bad reading to be committed",
+        Duration::from_secs(120),
+        || committed_readings(&lake) >= sent,
+    );
+    let valid: serde_json::Value = serde_json::from_str(&read(&manifest)).unwrap();
+    let valid: u64 = valid["valid"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    // The simulator sends one valid power reading so that `not_monotonic` can be provoked.
+    assert!(valid <= 1, "{valid}");
+    assert_eq!(
+        metric(&metrics_addr, "sensorlake_readings_accepted_total"),
+        valid as f64
+    );
+    assert_eq!(
+        metric(&metrics_addr, "sensorlake_readings_rejected_total"),
+        (sent - valid) as f64
+    );
+    // Every message was acknowledged once its dead letter was committed.
+    assert_eq!(metric(&metrics_addr, "sensorlake_messages_in_flight"), 0.0);
+    assert!(p.terminate().success());
+    let (exact, report) = verify(&lake, &manifest);
+    assert!(exact, "{report}");
+}
+
+#[test]
+fn demo_runs_with_no_setup_and_passes_its_own_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let out = run_cmd(&[
+        "demo",
+        "--lake",
+        demo.to_str().unwrap(),
+        "--readings",
+        "20000",
+        "--devices",
+        "100",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verify: exact"), "{stdout}");
+    assert!(
+        stdout.contains("read_parquet"),
+        "the summary shows how to query the lake"
+    );
+    // A second run replaces the previous demo lake instead of failing verify on old rows.
+    let out = run_cmd(&[
+        "demo",
+        "--lake",
+        demo.to_str().unwrap(),
+        "--readings",
+        "2000",
+        "--devices",
+        "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
+    let mut broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let manifest = dir.path().join("manifest.json");
+    let mut p = Pipeline::start(
+        &["--mqtt", &broker.url(), "--lake", lake.to_str().unwrap()],
+        &dir.path().join("pipeline.log"),
+        &[
+            ("SENSORLAKE_FLUSH__MAX_AGE_MS", "100"),
+            ("SENSORLAKE_MQTT__RECONNECT_MAX_MS", "500"),
+        ],
+    );
+    let mut sim = bin()
+        .args([
+            "simulate",
+            "--mqtt",
+            &broker.url(),
+            "--devices",
+            "100",
+            "--readings",
+            "40000",
+            "--rate",
+            "10000",
+            "--seed",
+            "21",
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "some commits before the restart",
+        Duration::from_secs(60),
+        || committed_readings(&lake) >= 5_000,
+    );
+    broker.restart();
+    // The simulator's own connection broke: it stops and writes what the broker confirmed.
+    let _ = sim.wait().unwrap();
+    assert!(
+        manifest.exists(),
+        "the simulator writes a partial manifest when its connection breaks"
+    );
+    let confirmed = manifest_messages(&manifest);
+    assert!(confirmed >= 5_000, "{confirmed}");
+
+    let start = Instant::now();
+    let (mut exact, mut report) = verify(&lake, &manifest);
+    while !exact && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+        (exact, report) = verify(&lake, &manifest);
+    }
+    assert!(
+        exact,
+        "after a broker restart every confirmed reading is in the lake once:\n{report}\nlog:\n{}\nbroker log:\n{}",
+        p.log_text(),
+        broker.log()
+    );
+    assert!(
+        p.log_text().contains("MQTT connection failed"),
+        "the disconnect was noticed and retried"
+    );
+    assert!(p.terminate().success());
+}
