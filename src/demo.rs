@@ -25,8 +25,12 @@ const BROKER_INFLIGHT: usize = 100;
 /// Largest payload the embedded broker accepts (the oversize test payloads are ~300 KiB).
 const BROKER_MAX_PAYLOAD: usize = 1 << 20;
 
-/// Starts rumqttd on a free loopback port, on its own thread (its `start` blocks).
-fn start_broker() -> anyhow::Result<SocketAddr> {
+/// Starts rumqttd on a free loopback port, on its own thread (its `start` blocks), and
+/// returns its address. The broker lives until the process exits.
+///
+/// # Errors
+/// When no port can be found or the thread cannot start.
+pub fn start_broker() -> anyhow::Result<SocketAddr> {
     let addr = {
         let l = TcpListener::bind("127.0.0.1:0").context("failed to find a free loopback port")?;
         l.local_addr()?
