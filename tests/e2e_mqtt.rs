@@ -27,28 +27,19 @@ fn metric(addr: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn manifest_messages(path: &Path) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(&read(path)).unwrap();
-    v["messages"].as_u64().unwrap()
-}
-
-fn write_registry(url: &str, dir: &Path, devices: &str, seed: &str) -> String {
+/// Writes the fleet's registry CSV (a simulation of zero readings) and returns its path.
+fn write_registry(url: &str, dir: &Path, devices: u32, seed: u64) -> String {
     let reg = dir.join("registry.csv");
-    let out = run_cmd(&[
-        "simulate",
-        "--mqtt",
+    let args = simulate_args(
         url,
-        "--devices",
         devices,
-        "--seed",
+        0,
+        0.0,
         seed,
-        "--readings",
-        "0",
-        "--manifest",
-        dir.join("empty-manifest.json").to_str().unwrap(),
-        "--registry-out",
-        reg.to_str().unwrap(),
-    ]);
+        &dir.join("empty-manifest.json"),
+        &["--registry-out", reg.to_str().unwrap()],
+    );
+    let out = bin().args(&args).output().unwrap();
     assert!(
         out.status.success(),
         "simulate --readings 0 failed: {}",
@@ -57,29 +48,13 @@ fn write_registry(url: &str, dir: &Path, devices: &str, seed: &str) -> String {
     reg.to_str().unwrap().to_owned()
 }
 
-fn verify(lake: &Path, manifest: &Path) -> (bool, String) {
-    let out = run_cmd(&[
-        "verify",
-        "--lake",
-        lake.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[test]
 fn end_to_end_100k_readings_with_2pct_bad_are_exact_and_readable_by_duckdb_and_pyarrow() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let manifest = dir.path().join("manifest.json");
-    let reg = write_registry(&broker.url(), dir.path(), "300", "7");
+    let reg = write_registry(&broker.url(), dir.path(), 300, 7);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut p = Pipeline::start(
         &[
@@ -95,26 +70,7 @@ fn end_to_end_100k_readings_with_2pct_bad_are_exact_and_readable_by_duckdb_and_p
         &dir.path().join("pipeline.log"),
         &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
     );
-    let out = run_cmd(&[
-        "simulate",
-        "--mqtt",
-        &broker.url(),
-        "--devices",
-        "300",
-        "--readings",
-        "100000",
-        "--bad-ratio",
-        "0.02",
-        "--seed",
-        "7",
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "simulate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simulate(&broker.url(), 300, 100000, 0.02, 7, &manifest);
     let sent = manifest_messages(&manifest);
     assert_eq!(sent, 100_000, "the broker acknowledged every QoS 1 publish");
     wait_for(
@@ -165,7 +121,7 @@ fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
     let lake = dir.path().join("lake");
     let manifest = dir.path().join("manifest.json");
     let log = dir.path().join("pipeline.log");
-    let reg = write_registry(&broker.url(), dir.path(), "200", "11");
+    let reg = write_registry(&broker.url(), dir.path(), 200, 11);
     let args = [
         "--mqtt",
         &broker.url(),
@@ -181,25 +137,17 @@ fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
     let mut p = Pipeline::start(&args, &log, &env);
 
     let mut sim = bin()
-        .args([
-            "simulate",
-            "--mqtt",
+        .args(simulate_args(
             &broker.url(),
-            "--devices",
-            "200",
-            "--readings",
-            "60000",
-            "--rate",
-            "15000",
-            "--bad-ratio",
-            "0.02",
-            "--seed",
-            "11",
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ])
+            200,
+            60_000,
+            0.02,
+            11,
+            &manifest,
+            &["--rate", "15000"],
+        ))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
 
@@ -216,12 +164,7 @@ fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
     assert!(status.success(), "the simulator failed");
 
     let sent = manifest_messages(&manifest);
-    let start = Instant::now();
-    let (mut exact, mut report) = verify(&lake, &manifest);
-    while !exact && start.elapsed() < Duration::from_secs(90) {
-        std::thread::sleep(Duration::from_millis(500));
-        (exact, report) = verify(&lake, &manifest);
-    }
+    let (exact, report) = verify_eventually(&lake, &manifest, Duration::from_secs(90));
     assert!(
         exact,
         "after 3 SIGKILLs the lake must hold exactly the {sent} readings sent:\n{report}"
@@ -255,26 +198,7 @@ fn all_bad_input_is_dead_lettered_and_acknowledged_without_leaking_in_flight_mes
         &dir.path().join("pipeline.log"),
         &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
     );
-    let out = run_cmd(&[
-        "simulate",
-        "--mqtt",
-        &broker.url(),
-        "--devices",
-        "50",
-        "--readings",
-        "8000",
-        "--bad-ratio",
-        "1.0",
-        "--seed",
-        "3",
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simulate(&broker.url(), 50, 8000, 1.0, 3, &manifest);
     let sent = manifest_messages(&manifest);
     wait_for(
         "every bad reading to be committed",
@@ -361,21 +285,15 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
         ],
     );
     let mut sim = bin()
-        .args([
-            "simulate",
-            "--mqtt",
+        .args(simulate_args(
             &broker.url(),
-            "--devices",
-            "100",
-            "--readings",
-            "40000",
-            "--rate",
-            "10000",
-            "--seed",
-            "21",
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ])
+            100,
+            40_000,
+            0.0,
+            21,
+            &manifest,
+            &["--rate", "10000"],
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -395,12 +313,7 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
     let confirmed = manifest_messages(&manifest);
     assert!(confirmed >= 5_000, "{confirmed}");
 
-    let start = Instant::now();
-    let (mut exact, mut report) = verify(&lake, &manifest);
-    while !exact && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(500));
-        (exact, report) = verify(&lake, &manifest);
-    }
+    let (exact, report) = verify_eventually(&lake, &manifest, Duration::from_secs(60));
     assert!(
         exact,
         "after a broker restart every confirmed reading is in the lake once:\n{report}\nlog:\n{}\nbroker log:\n{}",
@@ -412,4 +325,50 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
         "the disconnect was noticed and retried"
     );
     assert!(p.terminate().success());
+}
+
+#[test]
+fn two_instances_sharing_one_subscription_write_each_reading_exactly_once() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let manifest = dir.path().join("manifest.json");
+    let start = |writer: &str| {
+        Pipeline::start(
+            &[
+                "--mqtt",
+                &broker.url(),
+                "--lake",
+                lake.to_str().unwrap(),
+                "--topic",
+                "$share/lake/telemetry/#",
+                "--writer-id",
+                writer,
+            ],
+            &dir.path().join(format!("{writer}.log")),
+            &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
+        )
+    };
+    let mut a = start("a");
+    let mut b = start("b");
+    simulate(&broker.url(), 100, 20_000, 0.02, 13, &manifest);
+    let (exact, report) = verify_eventually(&lake, &manifest, Duration::from_secs(60));
+    assert!(exact, "{report}");
+    assert!(a.terminate().success() && b.terminate().success());
+    let records = sensorlake_sink::read_commit_records(&lake).unwrap();
+    let by_a: u64 = records
+        .iter()
+        .filter(|r| r.writer == "a")
+        .map(|r| r.counts.received)
+        .sum();
+    let by_b: u64 = records
+        .iter()
+        .filter(|r| r.writer == "b")
+        .map(|r| r.counts.received)
+        .sum();
+    assert_eq!(by_a + by_b, 20_000);
+    assert!(
+        by_a > 0 && by_b > 0,
+        "the broker shared the load: a={by_a} b={by_b}"
+    );
 }

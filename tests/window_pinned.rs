@@ -35,24 +35,7 @@ fn a_pinned_in_flight_window_is_detected_warned_about_and_adapted_to() {
         ],
     );
     let started = Instant::now();
-    let out = run_cmd(&[
-        "simulate",
-        "--mqtt",
-        &url,
-        "--devices",
-        "20",
-        "--readings",
-        "3000",
-        "--seed",
-        "9",
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simulate(&url, 20, 3000, 0.0, 9, &manifest);
     wait_for(
         "every reading to be committed",
         Duration::from_secs(60),
@@ -72,16 +55,6 @@ fn a_pinned_in_flight_window_is_detected_warned_about_and_adapted_to() {
     );
     // Without adapting, 3,000 readings at 100 per 300 ms age flush would take 9 s.
     eprintln!("3,000 readings through a pinned window of 100 took {took:?}");
-    let out = run_cmd(&[
-        "verify",
-        "--lake",
-        lake.to_str().unwrap(),
-        "--manifest",
-        manifest.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (exact, report) = verify(&lake, &manifest);
+    assert!(exact, "{report}");
 }

@@ -309,3 +309,89 @@ pub fn read(path: &Path) -> String {
     }
     s
 }
+
+/// The arguments of `sensorlake simulate` for a seeded fleet; extra flags are appended.
+pub fn simulate_args(
+    url: &str,
+    devices: u32,
+    readings: u64,
+    bad_ratio: f64,
+    seed: u64,
+    manifest: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "simulate",
+        "--mqtt",
+        url,
+        "--devices",
+        &devices.to_string(),
+        "--readings",
+        &readings.to_string(),
+        "--bad-ratio",
+        &bad_ratio.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Runs `sensorlake simulate` to completion and asserts it succeeded.
+pub fn simulate(
+    url: &str,
+    devices: u32,
+    readings: u64,
+    bad_ratio: f64,
+    seed: u64,
+    manifest: &Path,
+) {
+    let args = simulate_args(url, devices, readings, bad_ratio, seed, manifest, &[]);
+    let out = bin().args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sensorlake simulate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `sensorlake verify`: whether it was exact, and its report.
+pub fn verify(lake: &Path, manifest: &Path) -> (bool, String) {
+    let out = run_cmd(&[
+        "verify",
+        "--lake",
+        lake.to_str().unwrap(),
+        "--manifest",
+        manifest.to_str().unwrap(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Runs `verify` every half second until it is exact or `timeout` passes (redeliveries after
+/// a restart arrive at the broker's pace); returns the last result.
+pub fn verify_eventually(lake: &Path, manifest: &Path, timeout: Duration) -> (bool, String) {
+    let start = Instant::now();
+    loop {
+        let (exact, report) = verify(lake, manifest);
+        if exact || start.elapsed() >= timeout {
+            return (exact, report);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The number of messages a manifest says the broker confirmed.
+pub fn manifest_messages(path: &Path) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&read(path)).unwrap();
+    v["messages"].as_u64().unwrap()
+}
