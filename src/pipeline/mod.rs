@@ -105,6 +105,10 @@ pub enum PipelineError {
         #[source]
         source: SinkError,
     },
+    /// The lake cannot tell whether the last commit is durable; restart so that recovery
+    /// decides. Nothing uncommitted was acknowledged.
+    #[error("stopping so that recovery can run at the next start: {0}")]
+    LakeNeedsRecovery(#[source] SinkError),
     /// A transform or blocking task panicked (a bug).
     #[error("internal task failed: {0}")]
     Internal(String),
@@ -389,6 +393,12 @@ impl Stages {
             self.lake = Some(lake);
             match result {
                 Ok(summary) => return Ok(summary),
+                // Whether this commit is durable cannot be known without reopening the lake:
+                // stop, unacknowledged; the restart's recovery decides from what is on disk.
+                Err(e @ SinkError::Poisoned { .. }) => {
+                    metrics::counter!("sensorlake_commit_errors_total").increment(1);
+                    return Err(PipelineError::LakeNeedsRecovery(e));
+                }
                 Err(e) => {
                     metrics::counter!("sensorlake_commit_errors_total").increment(1);
                     let delay = backoff.next_delay();
