@@ -31,6 +31,9 @@ use crate::config::{Config, ConfigError};
 use crate::telemetry;
 pub use policy::{FlushPolicy, FlushTrigger};
 
+/// How often `run` logs a progress line (only when something was committed since the last).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// Live totals of a running pipeline, updated after every commit (shared with the demo and
 /// the progress display).
 #[derive(Debug, Default)]
@@ -219,19 +222,39 @@ pub async fn run(
     };
     let _ = stats.source.set(source.acker().events().clone());
     let mut pending = Pending::new();
+    // A progress line for operators every PROGRESS_EVERY; the first tick fires immediately.
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_progress = (Instant::now(), 0u64);
 
     loop {
         let deadline = pending.oldest.map(|t| t + policy.max_age());
+        // Not `biased`: under a steady stream the delivery branch is always ready and must not
+        // starve the timers.
         tokio::select! {
-            biased;
             () = shutdown.cancelled() => break,
             d = source.deliveries.recv() => {
                 let Some(d) = d else { break };
                 pending.push(d.record, d.ack);
                 telemetry::set_in_flight(pending.len());
-                if let Some(trigger) = policy.check(pending.len(), pending.bytes) {
+                let overdue = pending.oldest.is_some_and(|t| t.elapsed() >= policy.max_age());
+                if let Some(trigger) = policy
+                    .check(pending.len(), pending.bytes)
+                    .or(overdue.then_some(FlushTrigger::Age))
+                {
                     stages.flush(&mut pending, trigger).await?;
                 }
+            }
+            _ = progress.tick() => {
+                let c = &stages.summary.counts;
+                let (at, before) = last_progress;
+                if c.received > before {
+                    let rate = (c.received - before) as f64 / at.elapsed().as_secs_f64().max(1e-3);
+                    info!(received = c.received, accepted = c.accepted, rejected = c.rejected_total(),
+                          duplicates = c.duplicates, commits = stages.summary.commits,
+                          readings_per_sec = rate as u64, in_flight = pending.len(), "Progress");
+                }
+                last_progress = (Instant::now(), c.received);
             }
             () = sleep_until_opt(deadline) => {
                 if let Some(window) = policy.on_age_flush(pending.len(), pending.last_arrival.elapsed()) {
