@@ -22,7 +22,7 @@ use sensorlake_core::RawRecord;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::config::{BrokerAddr, ConfigError, MqttConfig, MqttProtocol};
 use crate::backoff::Backoff;
@@ -257,7 +257,7 @@ impl MqttSource {
                 let c = client.clone();
                 let done = events.clone();
                 let task = tokio::spawn(async move {
-                    run_v4(eventloop, c, ctx).await;
+                    run_loop(V4(eventloop, c), ctx).await;
                     done.loop_done.store(true, Ordering::Release);
                 });
                 (Client::V4(client), task)
@@ -280,7 +280,7 @@ impl MqttSource {
                 let c = client.clone();
                 let done = events.clone();
                 let task = tokio::spawn(async move {
-                    run_v5(eventloop, c, ctx).await;
+                    run_loop(V5(eventloop, c), ctx).await;
                     done.loop_done.store(true, Ordering::Release);
                 });
                 (Client::V5(client), task)
@@ -413,112 +413,154 @@ impl LoopCtx {
     }
 }
 
-async fn run_v4(mut el: rumqttc::EventLoop, client: rumqttc::AsyncClient, mut ctx: LoopCtx) {
-    use rumqttc::{Event, Outgoing, Packet};
-    loop {
-        let polled = tokio::select! {
-            p = el.poll() => p,
-            () = ctx.stop.cancelled() => return,
-        };
-        match polled {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let token = AckToken {
-                    epoch: ctx.current_epoch(),
-                    pkid: p.pkid,
-                    qos: p.qos as u8,
-                };
-                if !ctx.forward(&p.topic, p.payload, token).await {
-                    return;
-                }
-            }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                if ctx.on_connected(ack.session_present) {
-                    for t in &ctx.topics {
-                        if let Err(e) = client.try_subscribe(t.clone(), qos_v4(ctx.qos)) {
-                            warn!(topic = %t, error = %e, "Could not queue the subscription");
-                        }
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(s))) => {
-                if s.return_codes
+/// What the event-loop task needs to know of one polled event, for either protocol version.
+enum LoopEvent {
+    Publish {
+        topic: String,
+        payload: Bytes,
+        pkid: u16,
+        qos: u8,
+    },
+    ConnAck {
+        session_present: bool,
+    },
+    SubAck {
+        refused: bool,
+    },
+    Disconnect,
+    Other,
+}
+
+/// One MQTT connection (a rumqttc event loop and its client), either protocol version.
+trait Session {
+    /// Polls the event loop once.
+    async fn poll(&mut self) -> Result<LoopEvent, String>;
+    /// Forgets every request queued for the old connection (acks, subscriptions).
+    fn purge(&mut self);
+    /// Queues subscriptions without awaiting the client this task serves.
+    fn subscribe(&self, topics: &[String], qos: u8);
+}
+
+struct V4(rumqttc::EventLoop, rumqttc::AsyncClient);
+struct V5(rumqttc::v5::EventLoop, rumqttc::v5::AsyncClient);
+
+impl Session for V4 {
+    async fn poll(&mut self) -> Result<LoopEvent, String> {
+        use rumqttc::{Event, Outgoing, Packet};
+        Ok(match self.0.poll().await.map_err(|e| e.to_string())? {
+            Event::Incoming(Packet::Publish(p)) => LoopEvent::Publish {
+                topic: p.topic,
+                payload: p.payload,
+                pkid: p.pkid,
+                qos: p.qos as u8,
+            },
+            Event::Incoming(Packet::ConnAck(a)) => LoopEvent::ConnAck {
+                session_present: a.session_present,
+            },
+            Event::Incoming(Packet::SubAck(s)) => LoopEvent::SubAck {
+                refused: s
+                    .return_codes
                     .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                {
-                    warn!(broker = %ctx.addr, "Broker refused a subscription; check the topic filters and ACLs");
-                }
-                ctx.subscribed();
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                ctx.new_epoch(|| {
-                    el.clean();
-                    el.pending.clear();
-                });
-                if !ctx.on_error(e.to_string()).await {
-                    return;
-                }
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)),
+            },
+            Event::Outgoing(Outgoing::Disconnect) => LoopEvent::Disconnect,
+            _ => LoopEvent::Other,
+        })
+    }
+
+    fn purge(&mut self) {
+        self.0.clean();
+        self.0.pending.clear();
+    }
+
+    fn subscribe(&self, topics: &[String], qos: u8) {
+        for t in topics {
+            if let Err(e) = self.1.try_subscribe(t.clone(), qos_v4(qos)) {
+                warn!(topic = %t, error = %e, "Could not queue the subscription");
             }
         }
     }
 }
 
-async fn run_v5(
-    mut el: rumqttc::v5::EventLoop,
-    client: rumqttc::v5::AsyncClient,
-    mut ctx: LoopCtx,
-) {
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{Event, Incoming};
+impl Session for V5 {
+    async fn poll(&mut self) -> Result<LoopEvent, String> {
+        use rumqttc::v5::Event;
+        use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+        Ok(match self.0.poll().await.map_err(|e| e.to_string())? {
+            Event::Incoming(Packet::Publish(p)) => LoopEvent::Publish {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload,
+                pkid: p.pkid,
+                qos: p.qos as u8,
+            },
+            Event::Incoming(Packet::ConnAck(a)) => LoopEvent::ConnAck {
+                session_present: a.session_present,
+            },
+            Event::Incoming(Packet::SubAck(s)) => LoopEvent::SubAck {
+                refused: s
+                    .return_codes
+                    .iter()
+                    .any(|c| !matches!(c, SubscribeReasonCode::Success(_))),
+            },
+            Event::Outgoing(rumqttc::Outgoing::Disconnect) => LoopEvent::Disconnect,
+            _ => LoopEvent::Other,
+        })
+    }
+
+    fn purge(&mut self) {
+        self.0.clean();
+        self.0.pending.clear();
+    }
+
+    fn subscribe(&self, topics: &[String], qos: u8) {
+        for t in topics {
+            if let Err(e) = self.1.try_subscribe(t.clone(), qos_v5(qos)) {
+                warn!(topic = %t, error = %e, "Could not queue the subscription");
+            }
+        }
+    }
+}
+
+/// The event-loop task: polls, forwards publishes, (re)subscribes, and starts a new epoch on
+/// every connection loss.
+async fn run_loop(mut session: impl Session, mut ctx: LoopCtx) {
     loop {
         let polled = tokio::select! {
-            p = el.poll() => p,
+            p = session.poll() => p,
             () = ctx.stop.cancelled() => return,
         };
         match polled {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Ok(LoopEvent::Publish {
+                topic,
+                payload,
+                pkid,
+                qos,
+            }) => {
                 let token = AckToken {
                     epoch: ctx.current_epoch(),
-                    pkid: p.pkid,
-                    qos: p.qos as u8,
+                    pkid,
+                    qos,
                 };
-                let topic = String::from_utf8_lossy(&p.topic);
-                if !ctx.forward(&topic, p.payload, token).await {
+                if !ctx.forward(&topic, payload, token).await {
                     return;
                 }
             }
-            Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                if let Some(rm) = ack.properties.as_ref().and_then(|p| p.receive_max) {
-                    debug!(receive_max = rm, "Broker's own receive maximum");
-                }
-                if ctx.on_connected(ack.session_present) {
-                    for t in &ctx.topics {
-                        if let Err(e) = client.try_subscribe(t.clone(), qos_v5(ctx.qos)) {
-                            warn!(topic = %t, error = %e, "Could not queue the subscription");
-                        }
-                    }
+            Ok(LoopEvent::ConnAck { session_present }) => {
+                if ctx.on_connected(session_present) {
+                    session.subscribe(&ctx.topics, ctx.qos);
                 }
             }
-            Ok(Event::Incoming(Incoming::SubAck(s))) => {
-                if s.return_codes.iter().any(|c| {
-                    !matches!(
-                        c,
-                        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                    )
-                }) {
-                    warn!(broker = %ctx.addr, codes = ?s.return_codes, "Broker refused a subscription; check the topic filters and ACLs");
+            Ok(LoopEvent::SubAck { refused }) => {
+                if refused {
+                    warn!(broker = %ctx.addr, "Broker refused a subscription; check the topic filters and ACLs");
                 }
                 ctx.subscribed();
             }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => {}
+            Ok(LoopEvent::Disconnect) => return,
+            Ok(LoopEvent::Other) => {}
             Err(e) => {
-                ctx.new_epoch(|| {
-                    el.clean();
-                    el.pending.clear();
-                });
-                if !ctx.on_error(e.to_string()).await {
+                ctx.new_epoch(|| session.purge());
+                if !ctx.on_error(e).await {
                     return;
                 }
             }
