@@ -331,6 +331,8 @@ impl Stages {
         pending.bytes = 0;
         pending.oldest = None;
         let messages = records.len() as u64;
+        // Still unacknowledged while this flush is transformed and committed.
+        telemetry::set_in_flight(records.len());
 
         let mut transformer = self
             .transformer

@@ -249,6 +249,21 @@ impl Pipeline {
             .saturating_sub(1)
     }
 
+    /// The process id of the running pipeline.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the pipeline is running").id()
+    }
+
+    /// Peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = read(Path::new(&format!("/proc/{}/status", self.pid())));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     /// SIGKILL: no shutdown, no flush, no acknowledgement.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -394,4 +409,18 @@ pub fn verify_eventually(lake: &Path, manifest: &Path, timeout: Duration) -> (bo
 pub fn manifest_messages(path: &Path) -> u64 {
     let v: serde_json::Value = serde_json::from_str(&read(path)).unwrap();
     v["messages"].as_u64().unwrap()
+}
+
+/// Scrapes `/metrics` and returns the value of one sample (summing over label sets).
+pub fn metric(addr: &str, name: &str) -> f64 {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
