@@ -58,10 +58,15 @@ fn end_to_end_100k_readings_with_2pct_bad_are_exact_and_readable_by_duckdb_and_p
     simulate(&broker.url(), 300, 100000, 0.02, 7, &manifest);
     let sent = manifest_messages(&manifest);
     assert_eq!(sent, 100_000, "the broker acknowledged every QoS 1 publish");
+    // The metrics are updated right after each commit's acknowledgements: wait for them, not
+    // for the commit records, so the scrape below sees the last commit.
     wait_for(
         "every reading to be committed",
         Duration::from_secs(120),
-        || committed_readings(&lake) >= sent,
+        || {
+            committed_readings(&lake) >= sent
+                && metric(&metrics_addr, "sensorlake_readings_received_total") >= sent as f64
+        },
     );
 
     // The counters add up, and nothing is left in flight once everything is committed.
@@ -185,10 +190,15 @@ fn all_bad_input_is_dead_lettered_and_acknowledged_without_leaking_in_flight_mes
     );
     simulate(&broker.url(), 50, 8000, 1.0, 3, &manifest);
     let sent = manifest_messages(&manifest);
+    // The metrics are updated right after each commit's acknowledgements: wait for them, not
+    // for the commit records, so the scrape below sees the last commit.
     wait_for(
         "every bad reading to be committed",
         Duration::from_secs(120),
-        || committed_readings(&lake) >= sent,
+        || {
+            committed_readings(&lake) >= sent
+                && metric(&metrics_addr, "sensorlake_readings_received_total") >= sent as f64
+        },
     );
     let valid: serde_json::Value = serde_json::from_str(&read(&manifest)).unwrap();
     let valid: u64 = valid["valid"]
