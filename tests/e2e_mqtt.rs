@@ -435,3 +435,34 @@ fn a_failing_lake_acknowledges_nothing_keeps_memory_bounded_and_loses_nothing_on
     );
     assert!(p.terminate().success());
 }
+
+#[test]
+fn mqtt_311_with_several_topic_filters_is_exact_too() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let manifest = dir.path().join("manifest.json");
+    // The simulator spreads a fleet over sites; three filters by device type cover them all.
+    let mut p = Pipeline::start(
+        &[
+            "--mqtt",
+            &broker.url(),
+            "--lake",
+            lake.to_str().unwrap(),
+            "--protocol",
+            "v4",
+            "--topic",
+            "telemetry/+/env/#",
+            "--topic",
+            "telemetry/+/vibration/#",
+            "--topic",
+            "telemetry/+/power/#",
+        ],
+        &dir.path().join("pipeline.log"),
+        &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
+    );
+    simulate(&broker.url(), 60, 10_000, 0.02, 19, &manifest);
+    let (exact, report) = verify_eventually(&lake, &manifest, Duration::from_secs(60));
+    assert!(exact, "{report}\n{}", p.log_text());
+    assert!(p.terminate().success());
+}
