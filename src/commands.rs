@@ -198,11 +198,12 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     if config { 2 } else { 1 }
 }
 
-/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), stderr output.
+/// Installs the tracing subscriber: `RUST_LOG` filters (default `info`; the embedded demo
+/// broker's own log is off, since it reports every client disconnect as an error), stderr output.
 pub fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,rumqttc=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
