@@ -50,6 +50,8 @@ pub enum Command {
     /// Embedded broker + pipeline + simulator + verify, with no setup at all.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
+    /// End-to-end load benchmark: a broker, a null subscriber as the ceiling, then the pipeline.
+    Bench(crate::bench::BenchArgs),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -225,6 +227,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify(a),
         #[cfg(feature = "demo")]
         Command::Demo(a) => crate::demo::run(a).await,
+        Command::Bench(a) => crate::bench::run(a).await,
         Command::Config(ConfigCommand::Check { config }) => config_check(config),
     }
 }

@@ -4,6 +4,7 @@
 //! `-simulator`); this crate wires them: configuration, the pipeline task, metrics, the
 //! one rayon hand-off, and the commands of the `sensorlake` binary.
 
+pub mod bench;
 pub mod commands;
 pub mod config;
 pub mod cpu;

@@ -92,3 +92,40 @@ fn verify_of_a_lake_missing_readings_exits_1_with_a_summary() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("missing 50"), "{stdout}");
 }
+
+#[test]
+fn bench_reports_every_figure_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = run_cmd(&[
+        "bench",
+        "--readings",
+        "3000",
+        "--devices",
+        "30",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("null subscriber (ceiling)"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&read(&json)).unwrap();
+    assert_eq!(r["readings"], 3000);
+    for key in [
+        "ceiling_readings_per_sec",
+        "pipeline_readings_per_sec",
+        "cpu_seconds_per_million",
+        "peak_rss_mib",
+        "lake_to_json_ratio",
+    ] {
+        let v = r[key].as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    let p99 = r["latency_ms"][2].as_f64().unwrap();
+    assert!(p99.is_finite() && p99 >= 0.0, "p99 latency {p99}");
+    assert!(r["lake_bytes"].as_u64().unwrap() > 0);
+}

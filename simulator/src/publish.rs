@@ -125,6 +125,8 @@ pub struct SimStats {
     pub published: AtomicU64,
     /// Messages confirmed: acknowledged by the broker (QoS 1) or written (QoS 0).
     pub acked: AtomicU64,
+    /// Payload bytes handed to the MQTT client.
+    pub published_bytes: AtomicU64,
 }
 
 /// Publishes the fleet's messages until `readings` or `duration` is reached, and returns the
@@ -281,6 +283,7 @@ pub(crate) async fn run(
         handed += 1;
         // Only blocks while the request queue is full; a stop then leaves this one message
         // unconfirmed, which is what it is.
+        let bytes = msg.payload.len() as u64;
         let sent = tokio::select! {
             biased;
             r = client.publish(msg.topic, qos, false, msg.payload) => r.is_ok(),
@@ -290,6 +293,7 @@ pub(crate) async fn run(
             break;
         }
         stats.published.fetch_add(1, Ordering::Relaxed);
+        stats.published_bytes.fetch_add(bytes, Ordering::Relaxed);
         if let Some(p) = pacer.as_mut() {
             p.on_sent();
         }

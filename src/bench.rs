@@ -1,0 +1,445 @@
+//! `sensorlake bench`: the end-to-end load benchmark.
+//!
+//! It starts a broker on a free loopback port (Mosquitto from `PATH` with the project's
+//! lossless settings, or the embedded rumqttd), then runs two phases against it with the
+//! simulator publishing `--readings` telemetry v1 messages at full rate, QoS 1:
+//!
+//! 1. **Ceiling**: a null subscriber (MQTT 5, acknowledges at once, stores nothing) — how
+//!    fast this broker delivers on this machine right now.
+//! 2. **Pipeline**: `sensorlake run` as a child process (this same binary) into a fresh lake,
+//!    timed from the first publish to the commit that holds the last reading.
+//!
+//! It reports both rates, the pipeline's CPU seconds per million readings and peak RSS (from
+//! `/proc`), the lake's bytes against the JSON bytes published, and the latency from a
+//! reading's `ts` (set by the simulator when it publishes) to the commit point that made it
+//! durable (the commit record's `created_at`; files become visible a few fsyncs later).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use sensorlake_simulator::{FleetSpec, SimStats, SimulateOptions};
+use serde::Serialize;
+use tracing::info;
+
+/// `sensorlake bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which broker to start.
+    #[arg(long, value_enum, default_value_t = BrokerKind::Mosquitto)]
+    pub broker: BrokerKind,
+    /// Readings to publish in each phase.
+    #[arg(long, default_value_t = 200_000)]
+    pub readings: u64,
+    /// Devices in the fleet.
+    #[arg(long, default_value_t = 500)]
+    pub devices: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The broker the benchmark runs against.
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// Mosquitto from PATH (Debian package `mosquitto`).
+    Mosquitto,
+    /// The embedded rumqttd (window fixed at 100 per connection).
+    Embedded,
+}
+
+/// What one benchmark run measured.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// The broker.
+    pub broker: BrokerKind,
+    /// Readings per phase.
+    pub readings: u64,
+    /// JSON payload bytes published per phase.
+    pub json_bytes: u64,
+    /// The null subscriber's rate: the ceiling.
+    pub ceiling_readings_per_sec: f64,
+    /// The pipeline's rate, first publish to last commit.
+    pub pipeline_readings_per_sec: f64,
+    /// Pipeline rate / ceiling.
+    pub share_of_ceiling: f64,
+    /// The pipeline process's user+system CPU seconds per million readings.
+    pub cpu_seconds_per_million: f64,
+    /// The pipeline process's peak resident memory, MiB.
+    pub peak_rss_mib: f64,
+    /// Parquet bytes written (telemetry + dead letters).
+    pub lake_bytes: u64,
+    /// lake_bytes / json_bytes.
+    pub lake_to_json_ratio: f64,
+    /// Latency from `ts` to the commit point, milliseconds: p50, p90, p99, max.
+    pub latency_ms: [f64; 4],
+    /// Commits made.
+    pub commits: usize,
+}
+
+/// Runs the benchmark.
+///
+/// # Errors
+/// When the broker or the pipeline cannot start, or the pipeline does not commit everything
+/// within five minutes.
+pub async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let work = std::env::temp_dir().join(format!("sensorlake-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let result = run_in(&a, &work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    let report = result?;
+    print_report(&report);
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
+    let (url, _broker) = start_broker(a.broker, work)?;
+    info!(%url, broker = ?a.broker, "Broker started");
+
+    let ceiling = null_subscriber(&url, a).await?;
+    info!(readings_per_sec = ceiling as u64, "Null subscriber done");
+
+    let lake = work.join("lake");
+    let child = PipelineChild::start(&url, &lake)?;
+    let stats = Arc::new(SimStats::default());
+    let started = Instant::now();
+    let manifest = crate::commands::run_simulation(sim_options(&url, a, 2), stats.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut commits;
+    loop {
+        let records = sensorlake_sink::read_commit_records(&lake).unwrap_or_default();
+        commits = records.len();
+        let done: u64 = records.iter().map(|r| r.counts.received).sum();
+        if done >= manifest.messages {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the pipeline committed {done} of {} readings within 5 minutes",
+                manifest.messages
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (cpu, rss) = child.usage()?;
+    child.stop();
+
+    let json_bytes = stats.published_bytes.load(Ordering::Relaxed);
+    let lake_bytes = dir_bytes(&lake.join("telemetry")) + dir_bytes(&lake.join("dead_letter"));
+    let mut latencies = commit_latencies_ms(&lake)?;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let rate = manifest.messages as f64 / elapsed;
+    Ok(BenchReport {
+        broker: a.broker,
+        readings: manifest.messages,
+        json_bytes,
+        ceiling_readings_per_sec: ceiling,
+        pipeline_readings_per_sec: rate,
+        share_of_ceiling: rate / ceiling,
+        cpu_seconds_per_million: cpu / (manifest.messages as f64 / 1e6),
+        peak_rss_mib: rss as f64 / (1 << 20) as f64,
+        lake_bytes,
+        lake_to_json_ratio: lake_bytes as f64 / json_bytes.max(1) as f64,
+        latency_ms: [pct(0.5), pct(0.9), pct(0.99), pct(1.0)],
+        commits,
+    })
+}
+
+fn sim_options(url: &str, a: &BenchArgs, seed: u64) -> SimulateOptions {
+    let addr = url.trim_start_matches("mqtt://");
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "1883"));
+    SimulateOptions {
+        mqtt_host: host.to_owned(),
+        mqtt_port: port.parse().unwrap_or(1883),
+        client_id: format!("sensorlake-bench-sim-{seed}"),
+        fleet: FleetSpec {
+            devices: a.devices.max(1),
+            seed,
+            bad_ratio: 0.01,
+            allow_oversize: false,
+            ..FleetSpec::default()
+        },
+        readings: Some(a.readings),
+        duration: None,
+        rate: None,
+        qos: 1,
+        ..SimulateOptions::default()
+    }
+}
+
+/// Publishes `readings` to a subscriber that acknowledges at once and stores nothing, and
+/// returns the delivered rate.
+async fn null_subscriber(url: &str, a: &BenchArgs) -> anyhow::Result<f64> {
+    let addr = url.trim_start_matches("mqtt://");
+    let (host, port) = addr.rsplit_once(':').context("broker url has no port")?;
+    let mut o = rumqttc::v5::MqttOptions::new("sensorlake-bench-null", host, port.parse()?);
+    o.set_receive_maximum(Some(u16::MAX))
+        .set_max_packet_size(Some(1 << 20));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 1024);
+    client
+        .subscribe("telemetry/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await?;
+    loop {
+        if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::SubAck(_)) = el.poll().await? {
+            break;
+        }
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let target = a.readings;
+    let consumer = tokio::spawn(async move {
+        while counter.load(Ordering::Relaxed) < target {
+            match el.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::Publish(_))) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(anyhow::anyhow!("null subscriber lost its connection: {e}")),
+            }
+        }
+        Ok(Instant::now())
+    });
+    let started = Instant::now();
+    let manifest =
+        crate::commands::run_simulation(sim_options(url, a, 1), Arc::new(SimStats::default()))
+            .await?;
+    let done = tokio::time::timeout(Duration::from_secs(300), consumer)
+        .await
+        .context("the null subscriber did not receive everything within 5 minutes")???;
+    let _ = client.disconnect().await;
+    Ok(manifest.messages as f64 / (done - started).as_secs_f64())
+}
+
+/// A broker process (or nothing, for the embedded one, which lives until the process exits).
+struct BrokerGuard(Option<Child>);
+
+impl Drop for BrokerGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, BrokerGuard)> {
+    match kind {
+        #[cfg(feature = "demo")]
+        BrokerKind::Embedded => Ok((
+            format!("mqtt://{}", crate::demo::start_broker()?),
+            BrokerGuard(None),
+        )),
+        #[cfg(not(feature = "demo"))]
+        BrokerKind::Embedded => bail!("this build has no embedded broker (feature `demo`)"),
+        BrokerKind::Mosquitto => {
+            let bin = [
+                "/usr/sbin/mosquitto",
+                "/usr/bin/mosquitto",
+                "/usr/local/sbin/mosquitto",
+            ]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context(
+                "mosquitto is not installed: `apt-get install mosquitto`, or use --broker embedded",
+            )?;
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let dir = work.join("mosquitto");
+            std::fs::create_dir_all(&dir)?;
+            // Mosquitto started as root drops to its own user: let it write its persistence.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+            }
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+                     persistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\n\
+                     max_inflight_messages 0\nmessage_size_limit 1048000\n",
+                    dir.display()
+                ),
+            )?;
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("failed to start mosquitto")?;
+            let guard = BrokerGuard(Some(child));
+            let started = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if started.elapsed() > Duration::from_secs(10) {
+                    bail!("mosquitto did not listen on 127.0.0.1:{port} within 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok((format!("mqtt://127.0.0.1:{port}"), guard))
+        }
+    }
+}
+
+/// `sensorlake run` as a child process, so its CPU time and memory are its own.
+struct PipelineChild(Child);
+
+impl PipelineChild {
+    fn start(url: &str, lake: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let mut child = Command::new(exe)
+            .args(["run", "--mqtt", url, "--lake"])
+            .arg(lake)
+            .env("SENSORLAKE_FLUSH__MAX_AGE_MS", "1000")
+            .env("SENSORLAKE_MQTT__CLIENT_ID", "sensorlake-bench")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("failed to start the pipeline")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let flag = subscribed.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Subscribed to MQTT topics") {
+                    flag.store(true, Ordering::Release);
+                }
+            }
+        });
+        let started = Instant::now();
+        while !subscribed.load(Ordering::Acquire) {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                bail!("the pipeline did not subscribe within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Self(child))
+    }
+
+    /// CPU seconds (user + system) and peak RSS bytes so far, from /proc.
+    fn usage(&self) -> anyhow::Result<(f64, u64)> {
+        let pid = self.0.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        // Linux reports in USER_HZ, 100 on every mainstream architecture.
+        let cpu = ticks / 100.0;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        Ok((cpu, rss_kb * 1024))
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// For every telemetry row, milliseconds from its `ts` to its commit record's `created_at`.
+fn commit_latencies_ms(lake: &Path) -> anyhow::Result<Vec<f64>> {
+    use arrow::array::{Array, TimestampMicrosecondArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = Vec::new();
+    for record in sensorlake_sink::read_commit_records(lake)? {
+        let committed_us = sensorlake_core::time::parse_rfc3339(&record.created_at)
+            .context("a commit record's created_at is not RFC 3339")?;
+        for f in record
+            .files
+            .iter()
+            .filter(|f| f.entry().table == sensorlake_sink::Table::Telemetry)
+        {
+            let path = lake.join(&f.entry().path);
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+            let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), ["ts"]);
+            for batch in builder.with_projection(mask).build()? {
+                let batch = batch?;
+                let ts = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .context("ts is not a µs timestamp")?;
+                out.extend((0..ts.len()).map(|i| (committed_us - ts.value(i)) as f64 / 1000.0));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn print_report(r: &BenchReport) {
+    println!(
+        "sensorlake bench ({:?} broker, {} readings, 1% bad, QoS 1)",
+        r.broker, r.readings
+    );
+    println!(
+        "  null subscriber (ceiling)   {:>12.0} readings/s",
+        r.ceiling_readings_per_sec
+    );
+    println!(
+        "  sensorlake pipeline         {:>12.0} readings/s  ({:.0}% of the ceiling)",
+        r.pipeline_readings_per_sec,
+        r.share_of_ceiling * 100.0
+    );
+    println!(
+        "  pipeline CPU                {:>12.2} s per million readings",
+        r.cpu_seconds_per_million
+    );
+    println!("  pipeline peak RSS           {:>12.1} MiB", r.peak_rss_mib);
+    println!(
+        "  lake / JSON bytes           {:>12.3}  ({} / {} bytes)",
+        r.lake_to_json_ratio, r.lake_bytes, r.json_bytes
+    );
+    println!(
+        "  ts -> commit latency        p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        r.latency_ms[0], r.latency_ms[1], r.latency_ms[2], r.latency_ms[3]
+    );
+    println!("  commits                     {:>12}", r.commits);
+}
