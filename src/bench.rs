@@ -103,14 +103,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
-    let (url, _broker) = start_broker(a.broker, work)?;
+    let (url, _broker) = start_broker(a.broker, work).await?;
     info!(%url, broker = ?a.broker, "Broker started");
 
     let ceiling = null_subscriber(&url, a).await?;
     info!(readings_per_sec = ceiling as u64, "Null subscriber done");
 
     let lake = work.join("lake");
-    let child = PipelineChild::start(&url, &lake)?;
+    let child = PipelineChild::start(&url, &lake).await?;
     let stats = Arc::new(SimStats::default());
     let started = Instant::now();
     let manifest = crate::commands::run_simulation(sim_options(&url, a, 2), stats.clone()).await?;
@@ -239,7 +239,7 @@ impl Drop for BrokerGuard {
     }
 }
 
-fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, BrokerGuard)> {
+async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, BrokerGuard)> {
     match kind {
         #[cfg(feature = "demo")]
         BrokerKind::Embedded => Ok((
@@ -292,7 +292,7 @@ fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, Broker
                 if started.elapsed() > Duration::from_secs(10) {
                     bail!("mosquitto did not listen on 127.0.0.1:{port} within 10 s");
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Ok((format!("mqtt://127.0.0.1:{port}"), guard))
         }
@@ -303,7 +303,7 @@ fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, Broker
 struct PipelineChild(Child);
 
 impl PipelineChild {
-    fn start(url: &str, lake: &Path) -> anyhow::Result<Self> {
+    async fn start(url: &str, lake: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let mut child = Command::new(exe)
             .args(["run", "--mqtt", url, "--lake"])
@@ -331,7 +331,7 @@ impl PipelineChild {
                 let _ = child.kill();
                 bail!("the pipeline did not subscribe within 30 s");
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(Self(child))
     }
