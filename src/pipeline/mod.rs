@@ -14,7 +14,6 @@
 
 pub mod policy;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -181,10 +180,16 @@ pub async fn run(
     stats: Arc<PipelineStats>,
 ) -> Result<RunSummary, PipelineError> {
     let schema = Arc::new(config.validate()?);
-    let registry = Arc::new(match &config.registry.path {
-        Some(p) => Registry::from_csv_path(p)?,
-        None => Registry::empty(),
-    });
+    // File I/O and CSV parsing stay off the runtime's workers.
+    let registry_path = config.registry.path.clone();
+    let registry = Arc::new(
+        tokio::task::spawn_blocking(move || match registry_path {
+            Some(p) => Registry::from_csv_path(&p),
+            None => Ok(Registry::empty()),
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))??,
+    );
     let (lake, recovered) = open_lake(&config, schema.clone()).await?;
     info!(
         lake = %config.lake.path.display(),
@@ -443,9 +448,4 @@ impl Stages {
             }
         }
     }
-}
-
-/// Rejected readings by reason class, for summaries.
-pub fn rejected_by_reason(counts: &FlushCounts) -> BTreeMap<String, u64> {
-    counts.rejected.clone()
 }

@@ -203,6 +203,8 @@ struct LoopCtx {
     stop_intake: CancellationToken,
     stop: CancellationToken,
     backoff: Backoff,
+    /// `sensorlake_mqtt_messages_total`, looked up once rather than per message.
+    messages: metrics::Counter,
 }
 
 impl MqttSource {
@@ -241,6 +243,7 @@ impl MqttSource {
             stop_intake: stop_intake.clone(),
             stop: stop.clone(),
             backoff: Backoff::new(min, max),
+            messages: metrics::counter!("sensorlake_mqtt_messages_total"),
         };
         let (client, task) = match config.protocol {
             MqttProtocol::V4 => {
@@ -362,7 +365,7 @@ impl LoopCtx {
             position: Box::from(topic),
             received_at_us: now_us(),
         };
-        metrics::counter!("sensorlake_mqtt_messages_total").increment(1);
+        self.messages.increment(1);
         self.tx.send(Delivery { record, ack: token }).await.is_ok()
     }
 
