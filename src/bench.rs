@@ -23,9 +23,48 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use sensorlake_ingest::mqtt::BrokerAddr;
 use sensorlake_simulator::{FleetSpec, SimStats, SimulateOptions};
 use serde::Serialize;
 use tracing::info;
+
+/// The Mosquitto settings that make a persistent session lossless for sensorlake (see the
+/// README). The benchmark and the integration tests start Mosquitto with exactly these, plus
+/// a listener and a persistence location.
+pub const MOSQUITTO_SETTINGS: &str = "\
+allow_anonymous true
+persistence true
+autosave_interval 1
+autosave_on_changes false
+max_queued_messages 0
+max_inflight_messages 0
+message_size_limit 1048000
+";
+
+/// Where Debian (and most distributions) install the Mosquitto broker, if it is installed.
+pub fn mosquitto_binary() -> Option<PathBuf> {
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// A process's peak resident memory so far (`VmHWM` in `/proc/<pid>/status`), in bytes.
+///
+/// # Errors
+/// When the process is gone or `/proc` cannot be read.
+pub fn peak_rss_bytes(pid: u32) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024))
+}
 
 /// `sensorlake bench`.
 #[derive(Debug, Args)]
@@ -103,17 +142,18 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
-    let (url, _broker) = start_broker(a.broker, work).await?;
-    info!(%url, broker = ?a.broker, "Broker started");
+    let (broker, _guard) = start_broker(a.broker, work).await?;
+    info!(%broker, kind = ?a.broker, "Broker started");
 
-    let ceiling = null_subscriber(&url, a).await?;
+    let ceiling = null_subscriber(&broker, a).await?;
     info!(readings_per_sec = ceiling as u64, "Null subscriber done");
 
     let lake = work.join("lake");
-    let child = PipelineChild::start(&url, &lake).await?;
+    let child = PipelineChild::start(&broker, &lake).await?;
     let stats = Arc::new(SimStats::default());
     let started = Instant::now();
-    let manifest = crate::commands::run_simulation(sim_options(&url, a, 2), stats.clone()).await?;
+    let manifest =
+        crate::commands::run_simulation(sim_options(&broker, a, 2), stats.clone()).await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut commits;
     loop {
@@ -162,12 +202,10 @@ async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
     })
 }
 
-fn sim_options(url: &str, a: &BenchArgs, seed: u64) -> SimulateOptions {
-    let addr = url.trim_start_matches("mqtt://");
-    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "1883"));
+fn sim_options(broker: &BrokerAddr, a: &BenchArgs, seed: u64) -> SimulateOptions {
     SimulateOptions {
-        mqtt_host: host.to_owned(),
-        mqtt_port: port.parse().unwrap_or(1883),
+        mqtt_host: broker.host.clone(),
+        mqtt_port: broker.port,
         client_id: format!("sensorlake-bench-sim-{seed}"),
         fleet: FleetSpec {
             devices: a.devices.max(1),
@@ -186,10 +224,8 @@ fn sim_options(url: &str, a: &BenchArgs, seed: u64) -> SimulateOptions {
 
 /// Publishes `readings` to a subscriber that acknowledges at once and stores nothing, and
 /// returns the delivered rate.
-async fn null_subscriber(url: &str, a: &BenchArgs) -> anyhow::Result<f64> {
-    let addr = url.trim_start_matches("mqtt://");
-    let (host, port) = addr.rsplit_once(':').context("broker url has no port")?;
-    let mut o = rumqttc::v5::MqttOptions::new("sensorlake-bench-null", host, port.parse()?);
+async fn null_subscriber(broker: &BrokerAddr, a: &BenchArgs) -> anyhow::Result<f64> {
+    let mut o = rumqttc::v5::MqttOptions::new("sensorlake-bench-null", &broker.host, broker.port);
     o.set_receive_maximum(Some(u16::MAX))
         .set_max_packet_size(Some(1 << 20));
     let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 1024);
@@ -218,7 +254,7 @@ async fn null_subscriber(url: &str, a: &BenchArgs) -> anyhow::Result<f64> {
     });
     let started = Instant::now();
     let manifest =
-        crate::commands::run_simulation(sim_options(url, a, 1), Arc::new(SimStats::default()))
+        crate::commands::run_simulation(sim_options(broker, a, 1), Arc::new(SimStats::default()))
             .await?;
     let done = tokio::time::timeout(Duration::from_secs(300), consumer)
         .await
@@ -239,24 +275,23 @@ impl Drop for BrokerGuard {
     }
 }
 
-async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, BrokerGuard)> {
+async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(BrokerAddr, BrokerGuard)> {
     match kind {
         #[cfg(feature = "demo")]
-        BrokerKind::Embedded => Ok((
-            format!("mqtt://{}", crate::demo::start_broker()?),
-            BrokerGuard(None),
-        )),
+        BrokerKind::Embedded => {
+            let addr = crate::demo::start_broker()?;
+            Ok((
+                BrokerAddr {
+                    host: addr.ip().to_string(),
+                    port: addr.port(),
+                },
+                BrokerGuard(None),
+            ))
+        }
         #[cfg(not(feature = "demo"))]
         BrokerKind::Embedded => bail!("this build has no embedded broker (feature `demo`)"),
         BrokerKind::Mosquitto => {
-            let bin = [
-                "/usr/sbin/mosquitto",
-                "/usr/bin/mosquitto",
-                "/usr/local/sbin/mosquitto",
-            ]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context(
+            let bin = mosquitto_binary().context(
                 "mosquitto is not installed: `apt-get install mosquitto`, or use --broker embedded",
             )?;
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -273,9 +308,7 @@ async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, 
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                     persistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\n\
-                     max_inflight_messages 0\nmessage_size_limit 1048000\n",
+                    "listener {port} 127.0.0.1\npersistence_location {}/\n{MOSQUITTO_SETTINGS}",
                     dir.display()
                 ),
             )?;
@@ -294,7 +327,13 @@ async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, 
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Ok((format!("mqtt://127.0.0.1:{port}"), guard))
+            Ok((
+                BrokerAddr {
+                    host: "127.0.0.1".into(),
+                    port,
+                },
+                guard,
+            ))
         }
     }
 }
@@ -303,10 +342,10 @@ async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(String, 
 struct PipelineChild(Child);
 
 impl PipelineChild {
-    async fn start(url: &str, lake: &Path) -> anyhow::Result<Self> {
+    async fn start(broker: &BrokerAddr, lake: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let mut child = Command::new(exe)
-            .args(["run", "--mqtt", url, "--lake"])
+            .args(["run", "--mqtt", &broker.to_string(), "--lake"])
             .arg(lake)
             .env("SENSORLAKE_FLUSH__MAX_AGE_MS", "1000")
             .env("SENSORLAKE_MQTT__CLIENT_ID", "sensorlake-bench")
@@ -350,13 +389,7 @@ impl PipelineChild {
                 .unwrap_or(0.0);
         // Linux reports in USER_HZ, 100 on every mainstream architecture.
         let cpu = ticks / 100.0;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        Ok((cpu, rss_kb * 1024))
+        Ok((cpu, peak_rss_bytes(pid)?))
     }
 
     fn stop(mut self) {

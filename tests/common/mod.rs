@@ -11,31 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The project's Mosquitto settings for lossless persistent sessions (see README).
-pub const MOSQUITTO_CONF: &str = "\
-allow_anonymous true
-persistence true
-autosave_interval 1
-autosave_on_changes false
-max_queued_messages 0
-max_inflight_messages 0
-message_size_limit 1048000
-";
-
 fn mosquitto_binary() -> PathBuf {
-    for p in [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ] {
-        if Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!(
-        "mosquitto is not installed: these tests need the real broker. Install it with \
-         `apt-get install mosquitto` (scripts/test does this for you)."
-    );
+    sensorlake::bench::mosquitto_binary().unwrap_or_else(|| {
+        panic!(
+            "mosquitto is not installed: these tests need the real broker. Install it with \
+             `apt-get install mosquitto` (scripts/test does this for you)."
+        )
+    })
 }
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
@@ -70,7 +52,7 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts Mosquitto with the project's configuration.
     pub fn start() -> Self {
-        Self::start_with(MOSQUITTO_CONF)
+        Self::start_with(sensorlake::bench::MOSQUITTO_SETTINGS)
     }
 
     /// Starts Mosquitto with `conf` (a listener and persistence location are added).
@@ -256,12 +238,7 @@ impl Pipeline {
 
     /// Peak resident memory so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = read(Path::new(&format!("/proc/{}/status", self.pid())));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        sensorlake::bench::peak_rss_bytes(self.pid()).unwrap()
     }
 
     /// SIGKILL: no shutdown, no flush, no acknowledgement.
