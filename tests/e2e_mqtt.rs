@@ -35,24 +35,15 @@ fn write_registry(url: &str, dir: &Path, devices: u32, seed: u64) -> String {
 
 #[test]
 fn end_to_end_100k_readings_with_2pct_bad_are_exact_and_readable_by_duckdb_and_pyarrow() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let dir = &sc.dir;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
     let reg = write_registry(&broker.url(), dir.path(), 300, 7);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let mut p = Pipeline::start(
-        &[
-            "--mqtt",
-            &broker.url(),
-            "--lake",
-            lake.to_str().unwrap(),
-            "--registry",
-            &reg,
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-        &dir.path().join("pipeline.log"),
+    let mut p = sc.pipeline(
+        "pipeline",
+        &["--registry", &reg, "--metrics-addr", &metrics_addr],
         &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
     );
     simulate(&broker.url(), 300, 100000, 0.02, 7, &manifest);
@@ -106,25 +97,18 @@ fn end_to_end_100k_readings_with_2pct_bad_are_exact_and_readable_by_duckdb_and_p
 
 #[test]
 fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let dir = &sc.dir;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
     let log = dir.path().join("pipeline.log");
     let reg = write_registry(&broker.url(), dir.path(), 200, 11);
-    let args = [
-        "--mqtt",
-        &broker.url(),
-        "--lake",
-        lake.to_str().unwrap(),
-        "--registry",
-        &reg,
-    ];
+    let args = ["--registry", reg.as_str()];
     let env = [
         ("SENSORLAKE_FLUSH__MAX_AGE_MS", "100"),
         ("SENSORLAKE_FLUSH__MAX_MESSAGES", "2000"),
     ];
-    let mut p = Pipeline::start(&args, &log, &env);
+    let mut p = sc.pipeline("pipeline", &args, &env);
 
     let mut sim = bin()
         .args(simulate_args(
@@ -148,7 +132,7 @@ fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
             || committed_readings(&lake) >= round * 9_000,
         );
         p.kill9();
-        p = Pipeline::start(&args, &log, &env);
+        p = sc.pipeline("pipeline", &args, &env);
     }
     let status = sim.wait().unwrap();
     assert!(status.success(), "the simulator failed");
@@ -171,21 +155,13 @@ fn sigkill_mid_stream_and_restart_loses_nothing_and_duplicates_nothing() {
 
 #[test]
 fn all_bad_input_is_dead_lettered_and_acknowledged_without_leaking_in_flight_messages() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let mut p = Pipeline::start(
-        &[
-            "--mqtt",
-            &broker.url(),
-            "--lake",
-            lake.to_str().unwrap(),
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-        &dir.path().join("pipeline.log"),
+    let mut p = sc.pipeline(
+        "pipeline",
+        &["--metrics-addr", &metrics_addr],
         &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
     );
     simulate(&broker.url(), 50, 8000, 1.0, 3, &manifest);
@@ -267,13 +243,11 @@ fn demo_runs_with_no_setup_and_passes_its_own_verify() {
 
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
-    let mut broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
-    let mut p = Pipeline::start(
-        &["--mqtt", &broker.url(), "--lake", lake.to_str().unwrap()],
-        &dir.path().join("pipeline.log"),
+    let mut sc = Scenario::new();
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
+    let mut p = sc.pipeline(
+        "pipeline",
+        &[],
         &[
             ("SENSORLAKE_FLUSH__MAX_AGE_MS", "100"),
             ("SENSORLAKE_MQTT__RECONNECT_MAX_MS", "500"),
@@ -281,7 +255,7 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
     );
     let mut sim = bin()
         .args(simulate_args(
-            &broker.url(),
+            &sc.broker.url(),
             100,
             40_000,
             0.0,
@@ -298,7 +272,7 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
         Duration::from_secs(60),
         || committed_readings(&lake) >= 5_000,
     );
-    broker.restart();
+    sc.broker.restart();
     // The simulator's own connection broke: it stops and writes what the broker confirmed.
     let _ = sim.wait().unwrap();
     assert!(
@@ -313,7 +287,7 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
         exact,
         "after a broker restart every confirmed reading is in the lake once:\n{report}\nlog:\n{}\nbroker log:\n{}",
         p.log_text(),
-        broker.log()
+        sc.broker.log()
     );
     assert!(
         p.log_text().contains("MQTT connection failed"),
@@ -324,23 +298,13 @@ fn a_broker_restart_mid_stream_loses_nothing_the_broker_confirmed() {
 
 #[test]
 fn two_instances_sharing_one_subscription_write_each_reading_exactly_once() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
     let start = |writer: &str| {
-        Pipeline::start(
-            &[
-                "--mqtt",
-                &broker.url(),
-                "--lake",
-                lake.to_str().unwrap(),
-                "--topic",
-                "$share/lake/telemetry/#",
-                "--writer-id",
-                writer,
-            ],
-            &dir.path().join(format!("{writer}.log")),
+        sc.pipeline(
+            writer,
+            &["--topic", "$share/lake/telemetry/#", "--writer-id", writer],
             &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
         )
     };
@@ -370,21 +334,13 @@ fn two_instances_sharing_one_subscription_write_each_reading_exactly_once() {
 
 #[test]
 fn a_failing_lake_acknowledges_nothing_keeps_memory_bounded_and_loses_nothing_once_it_heals() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let mut p = Pipeline::start(
-        &[
-            "--mqtt",
-            &broker.url(),
-            "--lake",
-            lake.to_str().unwrap(),
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-        &dir.path().join("pipeline.log"),
+    let mut p = sc.pipeline(
+        "pipeline",
+        &["--metrics-addr", &metrics_addr],
         &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
     );
     // Break the lake: the writer's temporary folder becomes a file, so every commit fails
@@ -438,17 +394,13 @@ fn a_failing_lake_acknowledges_nothing_keeps_memory_bounded_and_loses_nothing_on
 
 #[test]
 fn mqtt_311_with_several_topic_filters_is_exact_too() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    let manifest = dir.path().join("manifest.json");
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
     // The simulator spreads a fleet over sites; three filters by device type cover them all.
-    let mut p = Pipeline::start(
+    let mut p = sc.pipeline(
+        "pipeline",
         &[
-            "--mqtt",
-            &broker.url(),
-            "--lake",
-            lake.to_str().unwrap(),
             "--protocol",
             "v4",
             "--topic",
@@ -458,7 +410,6 @@ fn mqtt_311_with_several_topic_filters_is_exact_too() {
             "--topic",
             "telemetry/+/power/#",
         ],
-        &dir.path().join("pipeline.log"),
         &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
     );
     simulate(&broker.url(), 60, 10_000, 0.02, 19, &manifest);

@@ -401,3 +401,34 @@ pub fn metric(addr: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// What most end-to-end tests start from: a Mosquitto broker, a scratch folder, and the lake
+/// and manifest paths inside it.
+pub struct Scenario {
+    pub broker: Mosquitto,
+    pub dir: tempfile::TempDir,
+    pub lake: PathBuf,
+    pub manifest: PathBuf,
+}
+
+impl Scenario {
+    /// A broker with the project's settings and an empty scratch folder.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Scenario {
+            lake: dir.path().join("lake"),
+            manifest: dir.path().join("manifest.json"),
+            broker: Mosquitto::start(),
+            dir,
+        }
+    }
+
+    /// `sensorlake run --mqtt <broker> --lake <lake> EXTRA...`, logging to
+    /// `<dir>/<name>.log`, subscribed when this returns.
+    pub fn pipeline(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Pipeline {
+        let url = self.broker.url();
+        let mut args = vec!["--mqtt", &url, "--lake", self.lake.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Pipeline::start(&args, &self.dir.path().join(format!("{name}.log")), env)
+    }
+}
