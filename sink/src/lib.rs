@@ -33,6 +33,8 @@ mod test_util;
 #[cfg(test)]
 mod tests;
 
+#[doc(hidden)]
+pub use encode::encode_flush_discarding;
 pub use encode::encode_parquet;
 pub use error::SinkError;
 #[doc(hidden)]

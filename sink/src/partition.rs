@@ -4,12 +4,13 @@
 //! grouped on an integer per row — hours since the epoch of `ts` for telemetry, days since the
 //! epoch of `received_at` for dead letters — so no string is built per row; the partition
 //! folder is formatted once per group. A batch whose rows all fall in one partition (the common
-//! case) is passed through without copying.
+//! case) is passed through without copying. Telemetry rows are then ordered by
+//! `(device_id, ts)` within their partition, so every file is sorted that way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use arrow::array::{AsArray, RecordBatch, UInt64Array};
-use arrow::compute::take_record_batch;
+use arrow::compute::{interleave_record_batch, take_record_batch};
 use arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use sensorlake_core::columns;
 use sensorlake_core::time::{MICROS_PER_DAY, MICROS_PER_HOUR};
@@ -72,6 +73,11 @@ pub(crate) fn plan_files(
 
     let mut files = Vec::new();
     for (key, parts) in groups {
+        let parts = match table {
+            Table::Telemetry => sorted_by_device(schema, parts)
+                .map_err(|source| SinkError::Partition { table, source })?,
+            Table::DeadLetter => parts,
+        };
         let dir = match table {
             Table::Telemetry => layout::telemetry_partition(key),
             Table::DeadLetter => layout::dead_letter_partition(key),
@@ -106,6 +112,70 @@ pub(crate) fn plan_files(
         }
     }
     Ok(files)
+}
+
+/// The rows of one telemetry partition in `(device_id, ts)` order, gathered into one batch (or
+/// `parts` unchanged when they are in that order already).
+///
+/// Rows of one device next to each other, in time order, is what makes a file small (`seq` and
+/// `ts` become small deltas, the enrichment columns long runs, a device's metric values
+/// neighbours) and per-device scans cheap (the page index on `device_id` prunes). Device ids
+/// are ranked once per distinct id, so the sort compares integers, not strings; the gather is
+/// one copy of the flush's rows, small beside encoding them (BENCHMARKS.md).
+fn sorted_by_device(
+    schema: &SchemaRef,
+    parts: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+    let column = |name: &str| {
+        schema
+            .index_of(name)
+            .map_err(|_| arrow::error::ArrowError::SchemaError(format!("no `{name}` column")))
+    };
+    let (id_index, ts_index) = (column(columns::DEVICE_ID)?, column(columns::TS)?);
+    // (device rank, ts, part, row); the rank is the order of first appearance until fixed up.
+    let mut keys: Vec<(usize, i64, usize, usize)> = Vec::new();
+    let mut first_seen: HashMap<&str, usize> = HashMap::new();
+    for (part, batch) in parts.iter().enumerate() {
+        let ids = batch
+            .column(id_index)
+            .as_string_opt::<i32>()
+            .ok_or_else(|| {
+                arrow::error::ArrowError::SchemaError("`device_id` is not a string".into())
+            })?;
+        let ts = batch
+            .column(ts_index)
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| {
+                arrow::error::ArrowError::SchemaError("`ts` is not a µs timestamp".into())
+            })?;
+        keys.reserve(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            let next = first_seen.len();
+            let seen = *first_seen.entry(ids.value(row)).or_insert(next);
+            keys.push((seen, ts.value(row), part, row));
+        }
+    }
+    let mut by_name: Vec<(&str, usize)> = first_seen.into_iter().collect();
+    by_name.sort_unstable();
+    let mut rank = vec![0; by_name.len()];
+    for (position, (_, seen)) in by_name.into_iter().enumerate() {
+        rank[seen] = position;
+    }
+    for key in &mut keys {
+        key.0 = rank[key.0];
+    }
+    if keys.is_sorted() {
+        return Ok(parts);
+    }
+    keys.sort_unstable();
+    if let [batch] = parts.as_slice() {
+        // The common case, one batch per flush: `take` is faster than `interleave`.
+        let rows: Vec<u64> = keys.iter().map(|k| k.3 as u64).collect();
+        return Ok(vec![take_record_batch(batch, &UInt64Array::from(rows))?]);
+    }
+    let indices: Vec<(usize, usize)> = keys.iter().map(|k| (k.2, k.3)).collect();
+    let batches: Vec<&RecordBatch> = parts.iter().collect();
+    Ok(vec![interleave_record_batch(&batches, &indices)?])
 }
 
 /// Adds the rows of `batch` to `groups` by their key (`keys[i]` is row `i`'s partition).
@@ -207,6 +277,17 @@ mod tests {
         );
     }
 
+    /// `(device_id, ts)` of every row of `file`, in file order.
+    fn keys(file: &PlannedFile) -> Vec<(String, i64)> {
+        let mut keys = Vec::new();
+        for batch in &file.batches {
+            let ids = batch.column(0).as_string::<i32>();
+            let ts = batch.column(2).as_primitive::<TimestampMicrosecondType>();
+            keys.extend((0..batch.num_rows()).map(|r| (ids.value(r).to_owned(), ts.value(r))));
+        }
+        keys
+    }
+
     #[test]
     fn splits_a_partition_over_the_row_limit_across_batches() {
         let schema = TelemetrySchema::v1_default();
@@ -216,10 +297,55 @@ mod tests {
         let files = plan_files(Table::Telemetry, schema.telemetry(), &[b1, b2], 3).unwrap();
         let sizes: Vec<_> = files.iter().map(|f| f.rows).collect();
         assert_eq!(sizes, [3, 3, 1]);
+        let ts: Vec<i64> = files.iter().flat_map(keys).map(|(_, t)| t - T0).collect();
         assert_eq!(
-            files[1].batches.len(),
-            2,
-            "a file may take rows of two batches"
+            ts,
+            [0, 0, 1, 1, 2, 3, 4],
+            "both batches' rows, merged in ts order"
+        );
+    }
+
+    #[test]
+    fn orders_telemetry_rows_by_device_then_ts_in_every_file() {
+        let schema = TelemetrySchema::v1_default();
+        let batch = telemetry_batch(
+            &schema,
+            &[
+                ("b", T0 + 2, 1),
+                ("a", T0 + 3, 2),
+                ("b", T0 + 1, 3),
+                ("c", T0, 4),
+                ("a", T0 + 1, 5),
+            ],
+        );
+        let files = plan_files(Table::Telemetry, schema.telemetry(), &[batch], 3).unwrap();
+        let keys: Vec<Vec<(String, i64)>> = files.iter().map(keys).collect();
+        let key = |d: &str, t: i64| (d.to_owned(), T0 + t);
+        assert_eq!(
+            keys,
+            [
+                vec![key("a", 1), key("a", 3), key("b", 1)],
+                vec![key("b", 2), key("c", 0)]
+            ]
+        );
+    }
+
+    #[test]
+    fn passes_rows_already_in_order_through_without_copying() {
+        let schema = TelemetrySchema::v1_default();
+        let batch = telemetry_batch(&schema, &[("a", T0, 1), ("a", T0 + 1, 2), ("b", T0, 1)]);
+        let files = plan_files(
+            Table::Telemetry,
+            schema.telemetry(),
+            std::slice::from_ref(&batch),
+            10,
+        )
+        .unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            files[0].batches[0].column(0).to_data().buffers()[1].as_ptr(),
+            batch.column(0).to_data().buffers()[1].as_ptr(),
+            "the same string buffer, not a copy"
         );
     }
 
