@@ -6,7 +6,6 @@
 //! no others). Empty cells are null. Device ids follow the same rule as in payloads
 //! ([`is_valid_device_id`]), so every registry row can match a reading.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -52,7 +51,7 @@ pub struct DeviceInfo {
 /// Device id → [`DeviceInfo`].
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
-    devices: HashMap<Box<str>, DeviceInfo>,
+    devices: foldhash::HashMap<Box<str>, DeviceInfo>,
 }
 
 /// Why a registry file could not be loaded. Every variant names the file (`<reader>` when read
@@ -225,7 +224,7 @@ impl Registry {
             }
         };
 
-        let mut devices = HashMap::new();
+        let mut devices = foldhash::HashMap::default();
         let mut last_line = 1;
         for row in csv.records() {
             let row = row.map_err(|e| csv_error(&file, e, last_line + 1))?;
