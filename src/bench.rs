@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -78,6 +78,14 @@ pub struct BenchArgs {
     /// Devices in the fleet.
     #[arg(long, default_value_t = 500)]
     pub devices: usize,
+    /// Publish at this many readings per second instead of as fast as the broker takes them
+    /// (for latency: `--rate 10000 --max-age-ms 1000`).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// The pipeline's flush age limit (`flush.max_age_ms`): how long a reading may wait for
+    /// its commit when traffic is too slow to fill a flush.
+    #[arg(long, default_value_t = 1000)]
+    pub max_age_ms: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -100,10 +108,17 @@ pub struct BenchReport {
     pub broker: BrokerKind,
     /// Readings per phase.
     pub readings: u64,
+    /// The publish rate asked for; `None`: as fast as the broker takes them.
+    pub rate: Option<f64>,
+    /// The pipeline's flush age limit, ms.
+    pub max_age_ms: u64,
     /// JSON payload bytes published per phase.
     pub json_bytes: u64,
     /// The null subscriber's rate: the ceiling.
     pub ceiling_readings_per_sec: f64,
+    /// The null subscriber's own CPU seconds per million readings: what the MQTT client costs
+    /// with nothing behind it.
+    pub ceiling_cpu_seconds_per_million: f64,
     /// The pipeline's rate, first publish to last commit.
     pub pipeline_readings_per_sec: f64,
     /// Pipeline rate / ceiling.
@@ -146,10 +161,14 @@ async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
     info!(%broker, kind = ?a.broker, "Broker started");
 
     let ceiling = null_subscriber(&broker, a).await?;
-    info!(readings_per_sec = ceiling as u64, "Null subscriber done");
+    info!(
+        readings_per_sec = ceiling.readings_per_sec as u64,
+        cpu_seconds_per_million = ceiling.cpu_seconds_per_million,
+        "Null subscriber done"
+    );
 
     let lake = work.join("lake");
-    let child = PipelineChild::start(&broker, &lake).await?;
+    let child = PipelineChild::start(&broker, &lake, a.max_age_ms).await?;
     let stats = Arc::new(SimStats::default());
     let started = Instant::now();
     let manifest =
@@ -189,10 +208,13 @@ async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
     Ok(BenchReport {
         broker: a.broker,
         readings: manifest.messages,
+        rate: a.rate,
+        max_age_ms: a.max_age_ms,
         json_bytes,
-        ceiling_readings_per_sec: ceiling,
+        ceiling_readings_per_sec: ceiling.readings_per_sec,
+        ceiling_cpu_seconds_per_million: ceiling.cpu_seconds_per_million,
         pipeline_readings_per_sec: rate,
-        share_of_ceiling: rate / ceiling,
+        share_of_ceiling: rate / ceiling.readings_per_sec,
         cpu_seconds_per_million: cpu / (manifest.messages as f64 / 1e6),
         peak_rss_mib: rss as f64 / (1 << 20) as f64,
         lake_bytes,
@@ -216,51 +238,110 @@ fn sim_options(broker: &BrokerAddr, a: &BenchArgs, seed: u64) -> SimulateOptions
         },
         readings: Some(a.readings),
         duration: None,
-        rate: None,
+        rate: a.rate,
         qos: 1,
         ..SimulateOptions::default()
     }
 }
 
+/// What the null subscriber measured.
+struct Ceiling {
+    readings_per_sec: f64,
+    /// CPU seconds of the subscriber's thread per million readings.
+    cpu_seconds_per_million: f64,
+}
+
 /// Publishes `readings` to a subscriber that acknowledges at once and stores nothing, and
-/// returns the delivered rate.
-async fn null_subscriber(broker: &BrokerAddr, a: &BenchArgs) -> anyhow::Result<f64> {
+/// returns the delivered rate and the subscriber's own CPU cost.
+///
+/// The subscriber runs on its own thread with a one-thread runtime, as `sensorlake run` does,
+/// so that thread's CPU time is what the MQTT client (rumqttc) costs with no pipeline behind
+/// it: the floor under the pipeline's CPU per reading.
+async fn null_subscriber(broker: &BrokerAddr, a: &BenchArgs) -> anyhow::Result<Ceiling> {
     let mut o = rumqttc::v5::MqttOptions::new("sensorlake-bench-null", &broker.host, broker.port);
     o.set_receive_maximum(Some(u16::MAX))
         .set_max_packet_size(Some(1 << 20));
-    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 1024);
-    client
-        .subscribe("telemetry/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-        .await?;
-    loop {
-        if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::SubAck(_)) = el.poll().await? {
-            break;
-        }
-    }
-    let received = Arc::new(AtomicU64::new(0));
-    let counter = received.clone();
     let target = a.readings;
-    let consumer = tokio::spawn(async move {
-        while counter.load(Ordering::Relaxed) < target {
-            match el.poll().await {
-                Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::Publish(_))) => {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(e) => return Err(anyhow::anyhow!("null subscriber lost its connection: {e}")),
-            }
-        }
-        Ok(Instant::now())
-    });
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("null-subscriber".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(subscribe_and_count(o, target, ready_tx)));
+            let _ = done_tx.send(result);
+        })
+        .context("cannot start the null subscriber's thread")?;
+    ready_rx
+        .await
+        .context("the null subscriber stopped before subscribing")?;
     let started = Instant::now();
     let manifest =
         crate::commands::run_simulation(sim_options(broker, a, 1), Arc::new(SimStats::default()))
             .await?;
-    let done = tokio::time::timeout(Duration::from_secs(300), consumer)
+    let (done, cpu) = tokio::time::timeout(Duration::from_secs(300), done_rx)
         .await
-        .context("the null subscriber did not receive everything within 5 minutes")???;
+        .context("the null subscriber did not receive everything within 5 minutes")?
+        .context("the null subscriber's thread ended without a result")??;
+    Ok(Ceiling {
+        readings_per_sec: manifest.messages as f64 / (done - started).as_secs_f64(),
+        cpu_seconds_per_million: cpu / (manifest.messages as f64 / 1e6),
+    })
+}
+
+/// The null subscriber's thread: subscribes, says so on `ready`, then counts `target`
+/// publishes (rumqttc acknowledges each at once). Returns when the last arrived and the CPU
+/// seconds the thread spent after subscribing.
+async fn subscribe_and_count(
+    options: rumqttc::v5::MqttOptions,
+    target: u64,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<(Instant, f64)> {
+    use rumqttc::v5::{Event, Incoming};
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(options, 1024);
+    client
+        .subscribe("telemetry/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await?;
+    loop {
+        if let Event::Incoming(Incoming::SubAck(_)) = el.poll().await? {
+            break;
+        }
+    }
+    let cpu_before = thread_cpu_seconds()?;
+    let _ = ready.send(());
+    let mut received = 0;
+    while received < target {
+        match el.poll().await {
+            Ok(Event::Incoming(Incoming::Publish(_))) => received += 1,
+            Ok(_) => {}
+            Err(e) => bail!("the null subscriber lost its connection: {e}"),
+        }
+    }
+    let done = Instant::now();
+    let cpu = thread_cpu_seconds()? - cpu_before;
     let _ = client.disconnect().await;
-    Ok(manifest.messages as f64 / (done - started).as_secs_f64())
+    Ok((done, cpu))
+}
+
+/// The calling thread's user + system CPU time, from `/proc/thread-self/stat` (clock ticks,
+/// assumed 100 per second as on every Linux this runs on; 10 ms resolution).
+fn thread_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat")
+        .context("cannot read /proc/thread-self/stat (the benchmark needs Linux)")?;
+    cpu_seconds_from_stat(&stat).context("unexpected format of /proc/thread-self/stat")
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/.../stat` line, in seconds at 100 ticks/s.
+/// The command name (field 2) may hold spaces, so fields are counted after its `)`.
+fn cpu_seconds_from_stat(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// A broker process (or nothing, for the embedded one, which lives until the process exits).
@@ -342,12 +423,12 @@ async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(BrokerAd
 struct PipelineChild(Child);
 
 impl PipelineChild {
-    async fn start(broker: &BrokerAddr, lake: &Path) -> anyhow::Result<Self> {
+    async fn start(broker: &BrokerAddr, lake: &Path, max_age_ms: u64) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let mut child = Command::new(exe)
             .args(["run", "--mqtt", &broker.to_string(), "--lake"])
             .arg(lake)
-            .env("SENSORLAKE_FLUSH__MAX_AGE_MS", "1000")
+            .env("SENSORLAKE_FLUSH__MAX_AGE_MS", max_age_ms.to_string())
             .env("SENSORLAKE_MQTT__CLIENT_ID", "sensorlake-bench")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -448,13 +529,20 @@ fn commit_latencies_ms(lake: &Path) -> anyhow::Result<Vec<f64>> {
 }
 
 fn print_report(r: &BenchReport) {
+    let rate = r
+        .rate
+        .map_or_else(|| "full rate".to_owned(), |x| format!("{x:.0} readings/s"));
     println!(
-        "sensorlake bench ({:?} broker, {} readings, 1% bad, QoS 1)",
-        r.broker, r.readings
+        "sensorlake bench ({:?} broker, {} readings, 1% bad, QoS 1, {rate}, flush age {} ms)",
+        r.broker, r.readings, r.max_age_ms
     );
     println!(
         "  null subscriber (ceiling)   {:>12.0} readings/s",
         r.ceiling_readings_per_sec
+    );
+    println!(
+        "  null subscriber CPU         {:>12.2} s per million readings",
+        r.ceiling_cpu_seconds_per_million
     );
     println!(
         "  sensorlake pipeline         {:>12.0} readings/s  ({:.0}% of the ceiling)",
@@ -475,4 +563,16 @@ fn print_report(r: &BenchReport) {
         r.latency_ms[0], r.latency_ms[1], r.latency_ms[2], r.latency_ms[3]
     );
     println!("  commits                     {:>12}", r.commits);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_seconds_from_stat;
+
+    #[test]
+    fn reads_user_and_system_ticks_after_a_command_name_with_spaces() {
+        let stat = "4242 (null sub) R 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1 0";
+        assert_eq!(cpu_seconds_from_stat(stat), Some(3.25));
+        assert_eq!(cpu_seconds_from_stat("garbage"), None);
+    }
 }
