@@ -11,6 +11,7 @@
 //! | `sensorlake_readings_duplicate_total` | counter | |
 //! | `sensorlake_commits_total` | counter | `trigger` |
 //! | `sensorlake_commit_errors_total` | counter | |
+//! | `sensorlake_commit_storage_full_total` | counter | (failed commits because the lake's file system is full) |
 //! | `sensorlake_files_written_total` | counter | `table` |
 //! | `sensorlake_bytes_written_total` | counter | `table` |
 //! | `sensorlake_messages_in_flight` | gauge | (received, not yet acknowledged) |

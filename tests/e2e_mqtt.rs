@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -416,4 +416,87 @@ fn mqtt_311_with_several_topic_filters_is_exact_too() {
     let (exact, report) = verify_eventually(&lake, &manifest, Duration::from_secs(60));
     assert!(exact, "{report}\n{}", p.log_text());
     assert!(p.terminate().success());
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("the `mount` command");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs as a full disk and needs root (or CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_acknowledges_nothing_names_the_cause_and_recovers_when_space_returns() {
+    let sc = Scenario::new();
+    let broker = &sc.broker;
+    let (lake, manifest) = (sc.lake.clone(), sc.manifest.clone());
+    // Room for the lake's first commits (records of ~500 device checkpoints, small Parquet
+    // files) but not for 30,000 readings committed every 200 ms.
+    let disk = Tmpfs::mount(&lake, "256k");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut p = sc.pipeline(
+        "pipeline",
+        &["--metrics-addr", &metrics_addr],
+        &[("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")],
+    );
+    simulate(&broker.url(), 500, 30_000, 0.01, 23, &manifest);
+    wait_for(
+        "a commit to fail on the full disk",
+        Duration::from_secs(60),
+        || metric(&metrics_addr, "sensorlake_commit_storage_full_total") > 0.0,
+    );
+    let log = p.log_text();
+    assert!(
+        log.contains("the file system holding the lake is full. Free space there"),
+        "the log names the cause and the remedy:\n{log}"
+    );
+    // Whatever was committed before the disk filled is acknowledged; the rest is not, and
+    // stays with the broker.
+    let (exact, report) = verify(&lake, &manifest);
+    assert!(
+        !exact,
+        "the disk filled before everything was committed:\n{report}"
+    );
+    assert!(metric(&metrics_addr, "sensorlake_messages_in_flight") > 0.0);
+
+    disk.resize("64m");
+    let (exact, report) = verify_eventually(&lake, &manifest, Duration::from_secs(120));
+    assert!(
+        exact,
+        "once space returns every reading lands exactly once:\n{report}"
+    );
+    assert!(p.terminate().success());
+    drop(disk);
 }

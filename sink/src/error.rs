@@ -156,11 +156,48 @@ impl SinkError {
         matches!(self, SinkError::NotVisible { .. })
     }
 
+    /// Whether the cause, anywhere down the chain of sources (the Parquet writer wraps its
+    /// I/O errors), is a full file system or an exhausted quota (`ENOSPC`, `EDQUOT`). The
+    /// remedy is outside sensorlake — free space where the lake is — so callers say so.
+    pub fn is_storage_full(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<io::Error>()
+                && matches!(
+                    io.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                )
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         SinkError::Io {
             op,
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_recognised_through_the_parquet_writer() {
+        let enospc = || io::Error::from_raw_os_error(28);
+        assert!(SinkError::io("write", "/lake/x", enospc()).is_storage_full());
+        let wrapped = SinkError::Parquet {
+            path: "/lake/x".into(),
+            source: parquet::errors::ParquetError::External(Box::new(enospc())),
+        };
+        assert!(wrapped.is_storage_full(), "{wrapped}");
+        let denied = SinkError::io("write", "/lake/x", io::Error::from_raw_os_error(13));
+        assert!(!denied.is_storage_full());
     }
 }

@@ -432,8 +432,15 @@ impl Stages {
                 Err(e) => {
                     metrics::counter!("sensorlake_commit_errors_total").increment(1);
                     let delay = backoff.next_delay();
-                    error!(error = %e, attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64,
-                           "Commit failed; nothing of this batch is acknowledged, retrying");
+                    let (attempt, retry_in_ms) = (backoff.attempts(), delay.as_millis() as u64);
+                    if e.is_storage_full() {
+                        metrics::counter!("sensorlake_commit_storage_full_total").increment(1);
+                        error!(error = %e, attempt, retry_in_ms,
+                               "Commit failed: the file system holding the lake is full. Free space there (or move the lake); nothing of this batch is acknowledged, retrying");
+                    } else {
+                        error!(error = %e, attempt, retry_in_ms,
+                               "Commit failed; nothing of this batch is acknowledged, retrying");
+                    }
                     if self.shutdown.is_cancelled() {
                         let since = *gave_up_at.get_or_insert_with(Instant::now);
                         if since.elapsed() >= self.shutdown_timeout {
