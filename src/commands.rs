@@ -72,7 +72,7 @@ pub struct RunArgs {
     /// MQTT protocol version (overrides mqtt.protocol).
     #[arg(long, value_enum)]
     pub protocol: Option<ProtocolArg>,
-    /// Lake folder (overrides lake.path).
+    /// Lake folder, file:// or s3://bucket/prefix URL (overrides lake.path).
     #[arg(long)]
     pub lake: Option<PathBuf>,
     /// Writer id of this instance (overrides lake.writer_id).

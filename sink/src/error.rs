@@ -68,6 +68,16 @@ pub enum SinkError {
         lock_path: PathBuf,
     },
 
+    /// A lake location that cannot be used: an unsupported scheme, or an object store the
+    /// environment does not configure (no region, no credentials, a bad endpoint).
+    #[error("cannot use the lake {url}: {why}")]
+    InvalidLake {
+        /// The location as given.
+        url: String,
+        /// What is wrong, and what to set.
+        why: String,
+    },
+
     /// A writer id that is empty, longer than 64 characters, or has characters outside
     /// `A-Z a-z 0-9 _ -`. Writer ids become part of file names, so nothing else is allowed.
     #[error("writer id {id:?} is not valid: use 1-64 characters of A-Z a-z 0-9 _ -")]

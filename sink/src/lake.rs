@@ -37,6 +37,14 @@
 //! Within a commit, files appear one rename at a time; a reader listing the folders during step
 //! 4 may see some of a commit's files and not yet the others, but never part of a file.
 //!
+//! # On an object store
+//!
+//! The same steps, with object semantics (`object.rs`): fsyncs and folder creation do
+//! nothing, a file is uploaded (multipart past 8 MiB) and visible once its upload completes,
+//! the commit record is a conditional put (a second process with the same writer id fails
+//! there, since object stores have no locks), and step 4's renames are copies followed by
+//! deletes.
+//!
 //! # Recovery
 //!
 //! [`Lake::open`] takes the writer's lock (`_sensorlake/locks/<w>.lock`), then reads the
@@ -51,7 +59,6 @@
 //! [`Recovered`], and the next commit number is the last one plus one.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -65,8 +72,10 @@ use serde::Serialize;
 use crate::encode::{self, writer_properties};
 use crate::layout;
 use crate::local::{LocalStore, PutError};
+use crate::object::ObjectStorage;
 use crate::partition::{self, PlannedFile};
 use crate::record::{self, COMMIT_RECORD_VERSION, CommitRecord, CommittedFile, FileEntry, Table};
+use crate::store::{Store, WriterLock};
 use crate::{LakeOptions, SinkError, WriterId};
 
 /// One flush, borrowed from the caller for the duration of [`Lake::commit`].
@@ -145,7 +154,7 @@ pub enum CommitStep {
 /// blocking thread. The writer's lock is held until the `Lake` is dropped.
 #[derive(Debug)]
 pub struct Lake {
-    store: LocalStore,
+    store: Store,
     writer: WriterId,
     schema: Arc<TelemetrySchema>,
     options: LakeOptions,
@@ -154,7 +163,7 @@ pub struct Lake {
     next_commit: u64,
     state: State,
     /// Held for the lake's lifetime; dropping it releases the writer lock.
-    _lock: File,
+    _lock: WriterLock,
     #[cfg(test)]
     failpoint: Option<Failpoint>,
 }
@@ -264,10 +273,63 @@ impl Lake {
         schema: Arc<TelemetrySchema>,
         options: LakeOptions,
     ) -> Result<(Lake, Recovered), SinkError> {
+        let store = match root.to_str().and_then(|r| r.split_once("://")) {
+            Some(("file", path)) => Self::local(Path::new(path), &options)?,
+            Some(("s3" | "s3a", rest)) => {
+                let url = root.to_string_lossy();
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| SinkError::InvalidLake {
+                        url: url.to_string(),
+                        why: e.to_string(),
+                    })?;
+                Store::Object(ObjectStorage::new(Arc::new(s3), prefix, &url)?)
+            }
+            Some((scheme, _)) => {
+                return Err(SinkError::InvalidLake {
+                    url: root.to_string_lossy().into_owned(),
+                    why: format!(
+                        "`{scheme}://` lakes are not supported; use a local path, file:// or s3://"
+                    ),
+                });
+            }
+            None => Self::local(root, &options)?,
+        };
+        Self::open_in(store, writer_id, schema, options)
+    }
+
+    /// Opens a lake under `prefix` of an object store built by the caller (an in-memory store
+    /// in tests, a store with custom client options). `url` names it in messages.
+    ///
+    /// # Errors
+    /// As [`Lake::open`].
+    pub fn open_object_store(
+        store: Arc<dyn object_store::ObjectStore>,
+        prefix: &str,
+        url: &str,
+        writer_id: &str,
+        schema: Arc<TelemetrySchema>,
+        options: LakeOptions,
+    ) -> Result<(Lake, Recovered), SinkError> {
+        let store = Store::Object(ObjectStorage::new(store, prefix, url)?);
+        Self::open_in(store, writer_id, schema, options)
+    }
+
+    fn local(root: &Path, options: &LakeOptions) -> Result<Store, SinkError> {
+        std::fs::create_dir_all(root).map_err(|e| SinkError::io("create directory", root, e))?;
+        Ok(Store::Local(LocalStore::new(root, options.fsync)))
+    }
+
+    fn open_in(
+        store: Store,
+        writer_id: &str,
+        schema: Arc<TelemetrySchema>,
+        options: LakeOptions,
+    ) -> Result<(Lake, Recovered), SinkError> {
         let writer = WriterId::try_new(writer_id)?;
         let props = writer_properties(&options)?;
-        std::fs::create_dir_all(root).map_err(|e| SinkError::io("create directory", root, e))?;
-        let store = LocalStore::new(root, options.fsync);
         store.create_dir_all(&layout::locks_dir())?;
         let lock_rel = layout::lock_file(&writer);
         let lock = store

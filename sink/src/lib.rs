@@ -1,4 +1,4 @@
-//! The sensorlake sink: the lake on a local folder.
+//! The sensorlake sink: the lake on a local folder or an object store (S3 and S3-compatible).
 //!
 //! The sink owns the lake's layout (Hive partitions of `telemetry/` and `dead_letter/`),
 //! Parquet encoding, and the commit protocol that makes every flush durable and visible exactly
@@ -6,9 +6,11 @@
 //! [`sensorlake_core::TelemetrySchema`] with the flush's counts, device checkpoints and opaque
 //! source positions, and knows nothing of where the records came from.
 //!
-//! All I/O is synchronous `std::fs`; async callers run [`Lake::commit`] on a blocking thread.
-//! Storage goes through one small internal module (`local`), the seam where an object-store
-//! backend plugs in later.
+//! The API is blocking; async callers run [`Lake::commit`] on a blocking thread. Storage goes
+//! through one internal enum (`store`): `local` (`std::fs`, fsync and rename) or `object`
+//! (`object_store`: conditional puts, multipart uploads, copy then delete, on a runtime of its
+//! own). The protocol in [`lake`] is written once against it, and `conformance` runs one suite
+//! of scenarios on a folder, an in-memory store and `moto_server`'s S3.
 //!
 //! ```text
 //! <lake>/telemetry/date=YYYY-MM-DD/hour=HH/part-<writer>-<commit:010>-<n:04>.parquet
@@ -23,11 +25,15 @@ mod error;
 pub mod lake;
 mod layout;
 mod local;
+mod object;
 mod options;
 mod partition;
 mod record;
+mod store;
 mod writer_id;
 
+#[cfg(test)]
+mod conformance;
 #[cfg(test)]
 mod test_util;
 #[cfg(test)]

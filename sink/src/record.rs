@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::SinkError;
 use crate::layout;
 use crate::local::LocalStore;
+use crate::store::Store;
 use crate::writer_id::{self, WriterId};
 
 /// The commit record format this crate writes and reads.
@@ -173,7 +174,7 @@ impl CommitRecord {
 
 /// Reads every commit record of `writer`, in commit order, checking each.
 pub(crate) fn read_writer_records(
-    store: &LocalStore,
+    store: &Store,
     writer: &WriterId,
 ) -> Result<Vec<CommitRecord>, SinkError> {
     let dir = layout::commits_dir(writer);
@@ -189,11 +190,7 @@ pub(crate) fn read_writer_records(
         .collect()
 }
 
-fn read_record(
-    store: &LocalStore,
-    writer: &WriterId,
-    commit: u64,
-) -> Result<CommitRecord, SinkError> {
+fn read_record(store: &Store, writer: &WriterId, commit: u64) -> Result<CommitRecord, SinkError> {
     let rel = layout::commit_record(writer, commit);
     let bytes = store.read(&rel)?;
     let record: CommitRecord =
@@ -222,7 +219,7 @@ fn read_record(
 /// [`SinkError::CorruptCommitRecord`] / [`SinkError::InvalidCommitRecord`] for a damaged
 /// record.
 pub fn read_commit_records(root: &Path) -> Result<Vec<CommitRecord>, SinkError> {
-    let store = LocalStore::new(root, false);
+    let store = Store::Local(LocalStore::new(root, false));
     let mut all = Vec::new();
     for name in store.list(layout::COMMITS_DIR)? {
         if !writer_id::is_valid(&name) {

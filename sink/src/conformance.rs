@@ -1,0 +1,442 @@
+//! One suite for the commit protocol, run on every kind of store the lake supports: a local
+//! folder, an in-memory object store, and S3 as `moto_server` (PyPI `moto[server]`) serves it
+//! on a free loopback port. Each scenario is written once against [`Fx`] and instantiated per
+//! store by `on_every_store!`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use object_store::memory::InMemory;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use sensorlake_core::{DeviceCheckpoint, FlushCounts, TelemetrySchema};
+use tempfile::TempDir;
+
+use crate::lake::Failpoint;
+use crate::object::{ObjectStorage, PART_BYTES};
+use crate::test_util::{HOUR_US, T0, dead_letter_batch, fast_options, list_files, telemetry_batch};
+use crate::{CommitStep, Flush, Lake, Recovered, SinkError};
+
+/// `moto_server` on a free port, killed when dropped.
+struct Moto(Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `moto_server` and creates `bucket` in it; returns the server and its endpoint.
+fn start_moto(bucket: &str) -> (Moto, String) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "these tests need moto_server (`pip install 'moto[server]'`; scripts/test installs it): {e}"
+            )
+        });
+    let moto = Moto(child);
+    let started = Instant::now();
+    let mut stream = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                panic!("moto_server did not listen on 127.0.0.1:{port} within 30 s: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    // Moto takes unsigned requests: one plain PUT creates the bucket.
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send CreateBucket");
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "moto did not create the bucket: {reply}"
+    );
+    (moto, format!("http://127.0.0.1:{port}"))
+}
+
+/// Where a scenario's lake lives, with ways to look at it from outside the lake.
+enum Backend {
+    Local(TempDir),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        prefix: &'static str,
+        url: String,
+        rt: tokio::runtime::Runtime,
+        _moto: Option<Moto>,
+    },
+}
+
+struct Fx {
+    backend: Backend,
+    schema: Arc<TelemetrySchema>,
+}
+
+impl Fx {
+    fn local() -> Self {
+        Self::with(Backend::Local(tempfile::tempdir().unwrap()))
+    }
+
+    fn memory() -> Self {
+        Self::object(Arc::new(InMemory::new()), "memory://lake", None)
+    }
+
+    fn moto() -> Self {
+        let (moto, endpoint) = start_moto("lake");
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&endpoint)
+            .with_allow_http(true)
+            .with_bucket_name("lake")
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap();
+        Self::object(Arc::new(s3), "s3://lake/some/prefix", Some(moto))
+    }
+
+    fn object(store: Arc<dyn ObjectStore>, url: &str, moto: Option<Moto>) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let prefix = if url.starts_with("s3://") {
+            "some/prefix"
+        } else {
+            ""
+        };
+        Self::with(Backend::Object {
+            store,
+            prefix,
+            url: url.to_owned(),
+            rt,
+            _moto: moto,
+        })
+    }
+
+    fn with(backend: Backend) -> Self {
+        Self {
+            backend,
+            schema: Arc::new(TelemetrySchema::v1_default()),
+        }
+    }
+
+    fn try_open(&self, writer: &str) -> Result<(Lake, Recovered), SinkError> {
+        match &self.backend {
+            Backend::Local(dir) => {
+                Lake::open(dir.path(), writer, self.schema.clone(), fast_options())
+            }
+            Backend::Object {
+                store, prefix, url, ..
+            } => Lake::open_object_store(
+                store.clone(),
+                prefix,
+                url,
+                writer,
+                self.schema.clone(),
+                fast_options(),
+            ),
+        }
+    }
+
+    fn open(&self, writer: &str) -> (Lake, Recovered) {
+        self.try_open(writer).unwrap()
+    }
+
+    /// Every file or object below `dir` of the lake, relative to the lake root, sorted.
+    fn files(&self, dir: &str) -> Vec<String> {
+        match &self.backend {
+            Backend::Local(root) => list_files(&root.path().join(dir))
+                .into_iter()
+                .map(|f| format!("{dir}/{f}"))
+                .collect(),
+            Backend::Object {
+                store, prefix, rt, ..
+            } => {
+                let key = object_store::path::Path::from(
+                    [*prefix, dir]
+                        .iter()
+                        .filter(|p| !p.is_empty())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                );
+                let mut out: Vec<String> = rt
+                    .block_on(store.list(Some(&key)).try_collect::<Vec<_>>())
+                    .unwrap()
+                    .into_iter()
+                    .map(|o| {
+                        let full = o.location.to_string();
+                        full.strip_prefix(&format!("{prefix}/"))
+                            .unwrap_or(&full)
+                            .to_owned()
+                    })
+                    .collect();
+                out.sort();
+                out
+            }
+        }
+    }
+
+    fn read(&self, rel: &str) -> Bytes {
+        match &self.backend {
+            Backend::Local(root) => std::fs::read(root.path().join(rel)).unwrap().into(),
+            Backend::Object {
+                store, prefix, rt, ..
+            } => {
+                let key = if prefix.is_empty() {
+                    object_store::path::Path::from(rel)
+                } else {
+                    object_store::path::Path::from(format!("{prefix}/{rel}"))
+                };
+                rt.block_on(async { store.get(&key).await?.bytes().await })
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Visible table files.
+    fn visible(&self) -> Vec<String> {
+        let mut files = self.files("telemetry");
+        files.extend(self.files("dead_letter"));
+        files.sort();
+        files
+    }
+
+    /// Rows in every visible telemetry file (each must open).
+    fn telemetry_rows(&self) -> usize {
+        self.files("telemetry")
+            .iter()
+            .flat_map(|f| {
+                ParquetRecordBatchReaderBuilder::try_new(self.read(f))
+                    .unwrap()
+                    .build()
+                    .unwrap()
+            })
+            .map(|b| b.unwrap().num_rows())
+            .sum()
+    }
+
+    fn flush(&self, rows: &[(&str, i64, u64)], dead: &[i64]) -> OwnedFlush {
+        OwnedFlush::new(&self.schema, rows, dead)
+    }
+}
+
+struct OwnedFlush {
+    telemetry: Vec<arrow::array::RecordBatch>,
+    dead_letters: Vec<arrow::array::RecordBatch>,
+    counts: FlushCounts,
+    devices: BTreeMap<String, DeviceCheckpoint>,
+    sources: serde_json::Value,
+}
+
+impl OwnedFlush {
+    fn new(schema: &TelemetrySchema, rows: &[(&str, i64, u64)], dead: &[i64]) -> Self {
+        let mut devices = BTreeMap::new();
+        for &(device, _, seq) in rows {
+            let cp = devices
+                .entry(device.to_owned())
+                .or_insert(DeviceCheckpoint {
+                    seq,
+                    energy_kwh: None,
+                });
+            cp.seq = cp.seq.max(seq);
+        }
+        let mut counts = FlushCounts {
+            received: (rows.len() + dead.len()) as u64,
+            accepted: rows.len() as u64,
+            ..FlushCounts::default()
+        };
+        if !dead.is_empty() {
+            counts
+                .rejected
+                .insert("json_syntax".into(), dead.len() as u64);
+        }
+        Self {
+            telemetry: vec![telemetry_batch(schema, rows)],
+            dead_letters: vec![dead_letter_batch(schema, dead)],
+            counts,
+            devices,
+            sources: serde_json::Value::Null,
+        }
+    }
+
+    fn flush(&self) -> Flush<'_> {
+        Flush {
+            telemetry: &self.telemetry,
+            dead_letters: &self.dead_letters,
+            counts: &self.counts,
+            devices: &self.devices,
+            sources: &self.sources,
+        }
+    }
+}
+
+fn commits_and_reads_back(fx: Fx) {
+    let (mut lake, recovered) = fx.open("w0");
+    assert_eq!(recovered.last_commit, None);
+    let a = fx.flush(&[("a", T0, 1), ("b", T0 + HOUR_US, 1)], &[T0]);
+    let b = fx.flush(&[("a", T0 + 1, 2)], &[]);
+    let first = lake.commit(&a.flush()).unwrap();
+    lake.commit(&b.flush()).unwrap();
+    assert_eq!(
+        first.files.len(),
+        3,
+        "two hours of telemetry and a day of dead letters"
+    );
+    assert_eq!(fx.visible().len(), 4);
+    assert_eq!(fx.telemetry_rows(), 3);
+    assert!(
+        fx.files("_sensorlake/tmp").is_empty(),
+        "{:?}",
+        fx.files("_sensorlake/tmp")
+    );
+    drop(lake);
+
+    let (lake, recovered) = fx.open("w0");
+    assert_eq!(recovered.last_commit, Some(1));
+    assert_eq!(recovered.devices["a"].seq, 2);
+    assert_eq!(recovered.totals.received, 4);
+    assert!(recovered.files_made_visible == 0 && recovered.files_removed == 0);
+    assert_eq!(lake.next_commit(), 2);
+}
+
+fn a_crash_before_the_commit_point_leaves_nothing(fx: Fx) {
+    let (lake, _) = fx.open("w0");
+    let t = fx.flush(&[("a", T0, 1), ("b", T0 + HOUR_US, 1)], &[T0]);
+    lake.crash_after(&t.flush(), CommitStep::FilesWritten)
+        .unwrap();
+    assert_eq!(fx.files("_sensorlake/tmp").len(), 3);
+    assert!(fx.visible().is_empty());
+
+    let (lake, recovered) = fx.open("w0");
+    assert_eq!(recovered.last_commit, None);
+    assert_eq!(recovered.files_removed, 3);
+    assert!(fx.files("_sensorlake/tmp").is_empty());
+    assert!(fx.visible().is_empty());
+    assert_eq!(lake.next_commit(), 0, "the commit number is reused");
+}
+
+fn a_crash_after_the_commit_point_is_published_exactly_once(fx: Fx) {
+    let (lake, _) = fx.open("w0");
+    let t = fx.flush(&[("a", T0, 1), ("a", T0 + HOUR_US, 2)], &[T0]);
+    let summary = lake
+        .crash_after(&t.flush(), CommitStep::RecordWritten)
+        .unwrap();
+    assert!(fx.visible().is_empty(), "files still under temporary names");
+
+    let (lake, recovered) = fx.open("w0");
+    assert_eq!(recovered.last_commit, Some(0));
+    assert_eq!(recovered.files_made_visible, 3);
+    let mut paths: Vec<_> = summary.files.iter().map(|f| f.path.clone()).collect();
+    paths.sort();
+    assert_eq!(fx.visible(), paths);
+    assert!(fx.files("_sensorlake/tmp").is_empty());
+    drop(lake);
+    let (_, again) = fx.open("w0");
+    assert_eq!((again.files_made_visible, again.files_removed), (0, 0));
+    assert_eq!(fx.telemetry_rows(), 2);
+}
+
+fn a_failed_write_is_cleaned_up_and_the_retry_commits(fx: Fx) {
+    let (mut lake, _) = fx.open("w0");
+    let t = fx.flush(&[("a", T0, 1), ("b", T0 + HOUR_US, 1)], &[]);
+    lake.set_failpoint(Some(Failpoint::TmpFile(1)));
+    assert!(lake.commit(&t.flush()).is_err());
+    assert!(
+        fx.files("_sensorlake/tmp").is_empty(),
+        "the failed attempt's files are gone"
+    );
+    assert!(fx.files("_sensorlake/commits").is_empty());
+    lake.set_failpoint(None);
+    let summary = lake.commit(&t.flush()).unwrap();
+    assert_eq!(summary.commit, 0);
+    assert_eq!(fx.telemetry_rows(), 2);
+}
+
+/// Two processes with one writer id: a local lake refuses the second open (its lock); on an
+/// object store (no locks there) the commit record's conditional put lets only the first
+/// commit, and the second fails loudly with nothing of its flush visible.
+fn a_second_writer_with_the_same_id_cannot_commit_the_same_number(fx: Fx) {
+    let (mut first, _) = fx.open("w0");
+    let second = fx.try_open("w0");
+    if let Backend::Local(_) = fx.backend {
+        assert!(
+            matches!(second, Err(SinkError::Locked { .. })),
+            "{second:?}"
+        );
+        return;
+    }
+    let (mut second, _) = second.unwrap();
+    first
+        .commit(&fx.flush(&[("a", T0, 1)], &[]).flush())
+        .unwrap();
+    let err = second
+        .commit(&fx.flush(&[("b", T0, 1)], &[]).flush())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("share one writer id"),
+        "the error says what is wrong: {err}"
+    );
+    assert_eq!(fx.visible().len(), 1, "{:?}", fx.visible());
+    assert_eq!(fx.telemetry_rows(), 1);
+}
+
+macro_rules! on_every_store {
+    ($($scenario:ident),* $(,)?) => {
+        mod local {
+            $(#[test] fn $scenario() { super::$scenario(super::Fx::local()) })*
+        }
+        mod memory {
+            $(#[test] fn $scenario() { super::$scenario(super::Fx::memory()) })*
+        }
+        mod moto_s3 {
+            $(#[test] fn $scenario() { super::$scenario(super::Fx::moto()) })*
+        }
+    };
+}
+
+on_every_store!(
+    commits_and_reads_back,
+    a_crash_before_the_commit_point_leaves_nothing,
+    a_crash_after_the_commit_point_is_published_exactly_once,
+    a_failed_write_is_cleaned_up_and_the_retry_commits,
+    a_second_writer_with_the_same_id_cannot_commit_the_same_number,
+);
+
+/// A file bigger than one part goes up as a multipart upload and comes back byte for byte.
+#[test]
+fn a_file_over_one_part_is_uploaded_in_parts_and_reads_back_whole() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let storage = ObjectStorage::new(store, "p", "memory://p").unwrap();
+    let data: Vec<u8> = (0..PART_BYTES * 2 + 12_345)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let mut w = storage.create("big.bin");
+    for chunk in data.chunks(1 << 20) {
+        w.write_all(chunk).unwrap();
+    }
+    assert_eq!(w.finish().unwrap(), data.len() as u64);
+    assert_eq!(storage.read("big.bin").unwrap(), data);
+    assert_eq!(storage.list("").unwrap(), ["big.bin"]);
+}

@@ -1,0 +1,318 @@
+//! Storage on an object store (S3 and S3-compatible, or in memory for tests) through
+//! `object_store`: the same operations as [`LocalStore`](crate::local::LocalStore), with
+//! object semantics.
+//!
+//! - A new file is buffered up to [`PART_BYTES`] and sent with one PUT; a bigger one goes up
+//!   as a multipart upload, part by part, so memory never holds more than one part.
+//! - [`ObjectStorage::put_atomic`] is a conditional put (`If-None-Match: *`): two processes
+//!   writing as one writer id cannot both create a commit record; a record that already exists
+//!   with the same bytes (a retried request whose response was lost) counts as written.
+//! - A rename is a copy and a delete: the object appears whole under its new name.
+//! - Folders do not exist: creating and syncing them does nothing, and a folder "exists" when
+//!   some object's key starts with it.
+//! - There are no locks; the conditional commit record is the guard.
+//!
+//! The lake's API is blocking, so this module owns a small runtime (one worker thread) and
+//! blocks on each request. It must not be called from inside an async task (callers use a
+//! blocking thread, as for the local store).
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::TryStreamExt;
+use object_store::path::Path as Key;
+use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::SinkError;
+use crate::local::PutError;
+
+/// Files up to this size go up in one PUT; bigger ones in multipart parts of this size
+/// (S3's minimum part is 5 MiB).
+pub(crate) const PART_BYTES: usize = 8 << 20;
+
+/// A lake root on an object store.
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectStorage {
+    store: Arc<dyn ObjectStore>,
+    /// The lake's key prefix ("" for the bucket root).
+    prefix: String,
+    /// The root as people know it (`s3://bucket/prefix`), for messages.
+    url: PathBuf,
+    rt: Arc<Runtime>,
+}
+
+/// The runtime requests run on. Dropped without waiting (`shutdown_background`), because the
+/// last `Lake` may well be dropped on an async task (the pipeline's, at shutdown), where a
+/// blocking runtime shutdown panics.
+#[derive(Debug)]
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.0.as_ref().expect("present until dropped").block_on(f)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl ObjectStorage {
+    pub(crate) fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        url: &str,
+    ) -> Result<Self, SinkError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sensorlake-object-store")
+            .enable_all()
+            .build()
+            .map_err(|e| SinkError::io("start the object store's runtime for", url, e))?;
+        Ok(Self {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            url: PathBuf::from(url.trim_end_matches('/')),
+            rt: Arc::new(Runtime(Some(rt))),
+        })
+    }
+
+    /// The lake root, for messages.
+    pub(crate) fn root(&self) -> &std::path::Path {
+        &self.url
+    }
+
+    /// The full name of `rel`, for messages.
+    pub(crate) fn abs(&self, rel: &str) -> PathBuf {
+        PathBuf::from(format!("{}/{}", self.url.display(), rel.trim_matches('/')))
+    }
+
+    fn key(&self, rel: &str) -> Key {
+        let rel = rel.trim_matches('/');
+        if self.prefix.is_empty() {
+            Key::from(rel)
+        } else {
+            Key::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    fn fail(&self, op: &'static str, rel: &str, e: object_store::Error) -> SinkError {
+        SinkError::io(op, self.abs(rel), io::Error::other(e))
+    }
+
+    /// Starts writing object `rel`; [`ObjectWriter::finish`] uploads the rest and completes it.
+    pub(crate) fn create(&self, rel: &str) -> ObjectWriter {
+        ObjectWriter {
+            storage: self.clone(),
+            rel: rel.to_owned(),
+            buf: Vec::new(),
+            upload: None,
+            bytes: 0,
+        }
+    }
+
+    /// Creates object `rel` with `bytes` unless it exists (a conditional put).
+    pub(crate) fn put_atomic(&self, rel: &str, bytes: &[u8]) -> Result<(), PutError> {
+        let key = self.key(rel);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = PutPayload::from(bytes.to_vec());
+        match self
+            .rt
+            .block_on(self.store.put_opts(&key, payload, options))
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // Ours, if a retried request already created it; another process's otherwise.
+                let existing = self.read(rel).map_err(PutError::NotWritten)?;
+                if existing == bytes {
+                    return Ok(());
+                }
+                Err(PutError::NotWritten(SinkError::io(
+                    "create",
+                    self.abs(rel),
+                    io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "another process already committed under this name: two instances share one writer id; give each its own",
+                    ),
+                )))
+            }
+            Err(e) => Err(PutError::NotWritten(self.fail("put", rel, e))),
+        }
+    }
+
+    /// Copies `from` to `to`, then deletes `from`.
+    pub(crate) fn rename(&self, from: &str, to: &str) -> Result<(), SinkError> {
+        self.rt
+            .block_on(self.store.copy(&self.key(from), &self.key(to)))
+            .map_err(|e| self.fail("copy to", to, e))?;
+        self.remove_file(from)
+    }
+
+    /// Whether object `rel` exists, or any object below `rel/`.
+    pub(crate) fn exists(&self, rel: &str) -> Result<bool, SinkError> {
+        match self.rt.block_on(self.store.head(&self.key(rel))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(!self.list(rel)?.is_empty()),
+            Err(e) => Err(self.fail("check existence of", rel, e)),
+        }
+    }
+
+    /// The names directly below `rel/` (objects and "folders"), sorted.
+    pub(crate) fn list(&self, rel: &str) -> Result<Vec<String>, SinkError> {
+        let key = self.key(rel);
+        let listed = self
+            .rt
+            .block_on(self.store.list_with_delimiter(Some(&key)))
+            .map_err(|e| self.fail("list", rel, e))?;
+        let mut names: Vec<String> = listed
+            .objects
+            .iter()
+            .map(|o| &o.location)
+            .chain(listed.common_prefixes.iter())
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// The whole content of object `rel`.
+    pub(crate) fn read(&self, rel: &str) -> Result<Vec<u8>, SinkError> {
+        let key = self.key(rel);
+        self.rt
+            .block_on(async { self.store.get(&key).await?.bytes().await })
+            .map(|b| b.to_vec())
+            .map_err(|e| self.fail("read", rel, e))
+    }
+
+    /// Deletes object `rel`; a missing one is not an error.
+    pub(crate) fn remove_file(&self, rel: &str) -> Result<(), SinkError> {
+        match self.rt.block_on(self.store.delete(&self.key(rel))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail("delete", rel, e)),
+        }
+    }
+
+    /// Deletes object `rel` and every object below `rel/`.
+    pub(crate) fn remove_all(&self, rel: &str) -> Result<(), SinkError> {
+        let key = self.key(rel);
+        let below: Vec<Key> = self
+            .rt
+            .block_on(
+                self.store
+                    .list(Some(&key))
+                    .map_ok(|o| o.location)
+                    .try_collect(),
+            )
+            .map_err(|e| self.fail("list", rel, e))?;
+        for location in below {
+            match self.rt.block_on(self.store.delete(&location)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.fail("delete", location.as_ref(), e)),
+            }
+        }
+        self.remove_file(rel)
+    }
+}
+
+/// An object being written by [`ObjectStorage::create`]; counts its bytes.
+pub(crate) struct ObjectWriter {
+    storage: ObjectStorage,
+    rel: String,
+    buf: Vec<u8>,
+    /// Started once more than one part's worth has been written.
+    upload: Option<Box<dyn MultipartUpload>>,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for ObjectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectWriter")
+            .field("rel", &self.rel)
+            .field("bytes", &self.bytes)
+            .field("multipart", &self.upload.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectWriter {
+    /// Sends the buffered part of a multipart upload (starting the upload first if needed).
+    fn send_part(&mut self) -> io::Result<()> {
+        let part = PutPayload::from(std::mem::take(&mut self.buf));
+        let storage = &self.storage;
+        let key = storage.key(&self.rel);
+        let upload = match &mut self.upload {
+            Some(upload) => upload,
+            None => {
+                let started = storage
+                    .rt
+                    .block_on(storage.store.put_multipart(&key))
+                    .map_err(io::Error::other)?;
+                self.upload.insert(started)
+            }
+        };
+        storage
+            .rt
+            .block_on(upload.put_part(part))
+            .map_err(io::Error::other)
+    }
+
+    /// Uploads what is left and makes the object visible; returns its size in bytes.
+    pub(crate) fn finish(mut self) -> Result<u64, SinkError> {
+        let rel = self.rel.clone();
+        let fail =
+            |storage: &ObjectStorage, e: io::Error| SinkError::io("upload", storage.abs(&rel), e);
+        if self.upload.is_none() {
+            let payload = PutPayload::from(std::mem::take(&mut self.buf));
+            let key = self.storage.key(&rel);
+            self.storage
+                .rt
+                .block_on(self.storage.store.put(&key, payload))
+                .map_err(|e| fail(&self.storage, io::Error::other(e)))?;
+            return Ok(self.bytes);
+        }
+        if !self.buf.is_empty() {
+            self.send_part().map_err(|e| fail(&self.storage, e))?;
+        }
+        let mut upload = self.upload.take().expect("checked above");
+        if let Err(e) = self.storage.rt.block_on(upload.complete()) {
+            let _ = self.storage.rt.block_on(upload.abort());
+            return Err(fail(&self.storage, io::Error::other(e)));
+        }
+        Ok(self.bytes)
+    }
+}
+
+impl Write for ObjectWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = PART_BYTES - self.buf.len();
+        let n = buf.len().min(room);
+        self.buf.extend_from_slice(&buf[..n]);
+        self.bytes += n as u64;
+        if self.buf.len() == PART_BYTES {
+            self.send_part()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ObjectWriter {
+    /// An upload abandoned on an error path is aborted, so no incomplete upload is left.
+    fn drop(&mut self) {
+        if let Some(mut upload) = self.upload.take() {
+            let _ = self.storage.rt.block_on(upload.abort());
+        }
+    }
+}
