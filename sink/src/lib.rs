@@ -35,6 +35,8 @@ mod writer_id;
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]
+mod faults;
+#[cfg(test)]
 mod test_util;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,9 @@
 //!   as a multipart upload, part by part, so memory never holds more than one part.
 //! - [`ObjectStorage::put_atomic`] is a conditional put (`If-None-Match: *`): two processes
 //!   writing as one writer id cannot both create a commit record; a record that already exists
-//!   with the same bytes (a retried request whose response was lost) counts as written.
+//!   with the same bytes (the client retried a request whose response was lost) counts as
+//!   written. A failure that may have written it (a timeout, a 5xx) is reported as unknown,
+//!   which makes the lake refuse further commits until it is reopened and recovered.
 //! - A rename is a copy and a delete: the object appears whole under its new name.
 //! - Folders do not exist: creating and syncing them does nothing, and a folder "exists" when
 //!   some object's key starts with it.
@@ -144,7 +146,20 @@ impl ObjectStorage {
                     ),
                 )))
             }
-            Err(e) => Err(PutError::NotWritten(self.fail("put", rel, e))),
+            // Refused outright: nothing was written.
+            Err(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented { .. }
+                | object_store::Error::InvalidPath { .. }),
+            ) => Err(PutError::NotWritten(self.fail("put", rel, e))),
+            // A timeout, a reset, a 5xx after the client's own retries: the record may have
+            // been created with its response lost. Retrying would write a record with other
+            // bytes (a new `created_at`) and find this one, and cleaning up the flush's files
+            // would leave a committed record without them; so the outcome is unknown and
+            // recovery decides from what is in the store.
+            Err(e) => Err(PutError::Unknown(self.fail("put", rel, e))),
         }
     }
 
