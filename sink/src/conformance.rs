@@ -50,28 +50,29 @@ fn start_moto(bucket: &str) -> (Moto, String) {
             )
         });
     let moto = Moto(child);
+    // Moto may accept connections before it serves them: retry CreateBucket (one plain,
+    // unsigned PUT; moto does not check signatures) until it answers 200.
     let started = Instant::now();
-    let mut stream = loop {
-        match TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(e) if started.elapsed() > Duration::from_secs(30) => {
-                panic!("moto_server did not listen on 127.0.0.1:{port} within 30 s: {e}")
+    loop {
+        let reply = TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
+            write!(
+                stream,
+                "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply)
+        });
+        match reply {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => break,
+            other if started.elapsed() > Duration::from_secs(30) => {
+                panic!(
+                    "moto_server on 127.0.0.1:{port} did not create bucket {bucket} within 30 s: {other:?}"
+                )
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            _ => std::thread::sleep(Duration::from_millis(100)),
         }
-    };
-    // Moto takes unsigned requests: one plain PUT creates the bucket.
-    write!(
-        stream,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send CreateBucket");
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply);
-    assert!(
-        reply.starts_with("HTTP/1.1 200"),
-        "moto did not create the bucket: {reply}"
-    );
+    }
     (moto, format!("http://127.0.0.1:{port}"))
 }
 

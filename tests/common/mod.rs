@@ -203,32 +203,27 @@ impl Pipeline {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // The log is shared by restarts: only what this process appends counts.
+        let offset = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
         let child = cmd.spawn().unwrap();
         let p = Pipeline {
             child: Some(child),
             log: log.to_owned(),
         };
         let start = Instant::now();
-        let needle = "Subscribed to MQTT topics";
         loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            // Count subscriptions: a restart appends to the same log.
-            if text.matches(needle).count() > p.previous_subscriptions(&text) {
+            let text = std::fs::read(log).unwrap_or_default();
+            let ours = String::from_utf8_lossy(text.get(offset..).unwrap_or_default());
+            if ours.contains("Subscribed to MQTT topics") {
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "sensorlake did not subscribe within 30 s; log:\n{text}"
+                "sensorlake did not subscribe within 30 s; its log:\n{ours}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         p
-    }
-
-    fn previous_subscriptions(&self, text: &str) -> usize {
-        text.matches("Starting MQTT source")
-            .count()
-            .saturating_sub(1)
     }
 
     /// The process id of the running pipeline.
