@@ -65,6 +65,10 @@ pub struct SourceEvent {
     pub subscribed: std::sync::atomic::AtomicBool,
     /// The event-loop task has ended: nothing more can be acknowledged.
     pub loop_done: std::sync::atomic::AtomicBool,
+    /// Acknowledgements handed to the MQTT client.
+    pub acks_queued: AtomicU64,
+    /// Acknowledgements the MQTT client has written to the connection.
+    pub acks_written: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -94,6 +98,8 @@ impl MqttAcker {
     /// were queued; tokens of an earlier connection are skipped (the broker redelivers those).
     pub async fn ack(&self, tokens: &[AckToken]) -> usize {
         let mut sent = 0;
+        let mut full_since: Option<std::time::Instant> = None;
+        let mut warned = false;
         for t in tokens.iter().filter(|t| t.needs_ack()) {
             loop {
                 let queued = {
@@ -107,11 +113,26 @@ impl MqttAcker {
                 match queued {
                     Ok(()) => {
                         sent += 1;
+                        self.events.acks_queued.fetch_add(1, Ordering::Relaxed);
+                        full_since = None;
                         break;
                     }
                     // The channel is sized for every outstanding ack; if it is full anyway,
                     // give the event loop a moment rather than spin.
-                    Err(AckError::Full) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Err(AckError::Full) => {
+                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                        if !warned && since.elapsed() >= Duration::from_secs(5) {
+                            warned = true;
+                            warn!(
+                                acked = sent,
+                                to_ack = tokens.len(),
+                                acks_queued = self.events.acks_queued.load(Ordering::Relaxed),
+                                acks_written = self.events.acks_written.load(Ordering::Relaxed),
+                                "The MQTT client has taken no acknowledgement for 5 s (its request queue stays full); still trying. This is a bug: please report it with this log"
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                     // The event loop is gone (shutdown): nothing can be acknowledged any more;
                     // the broker redelivers on the next session.
                     Err(AckError::Closed) => return sent,
@@ -431,6 +452,8 @@ enum LoopEvent {
         refused: bool,
     },
     Disconnect,
+    /// The client wrote a PUBACK.
+    AckWritten,
     Other,
 }
 
@@ -467,6 +490,7 @@ impl Session for V4 {
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)),
             },
             Event::Outgoing(Outgoing::Disconnect) => LoopEvent::Disconnect,
+            Event::Outgoing(Outgoing::PubAck(_)) => LoopEvent::AckWritten,
             _ => LoopEvent::Other,
         })
     }
@@ -506,6 +530,7 @@ impl Session for V5 {
                     .any(|c| !matches!(c, SubscribeReasonCode::Success(_))),
             },
             Event::Outgoing(rumqttc::Outgoing::Disconnect) => LoopEvent::Disconnect,
+            Event::Outgoing(rumqttc::Outgoing::PubAck(_)) => LoopEvent::AckWritten,
             _ => LoopEvent::Other,
         })
     }
@@ -560,6 +585,9 @@ async fn run_loop(mut session: impl Session, mut ctx: LoopCtx) {
                 ctx.subscribed();
             }
             Ok(LoopEvent::Disconnect) => return,
+            Ok(LoopEvent::AckWritten) => {
+                ctx.events.acks_written.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(LoopEvent::Other) => {}
             Err(e) => {
                 ctx.new_epoch(|| session.purge());
