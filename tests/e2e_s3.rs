@@ -168,6 +168,75 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// What both tests start from: moto with one bucket, Mosquitto, a scratch folder (the
+/// pipeline's log, the manifest, and the bucket's local copy for `verify`).
+struct S3Scenario {
+    moto: Moto,
+    store: Arc<dyn ObjectStore>,
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    copy: std::path::PathBuf,
+    manifest: std::path::PathBuf,
+}
+
+impl S3Scenario {
+    const BUCKET: &str = "telemetry-lake";
+
+    fn new() -> Self {
+        let moto = Moto::start(Self::BUCKET);
+        let dir = tempfile::tempdir().unwrap();
+        S3Scenario {
+            store: moto.store(Self::BUCKET),
+            moto,
+            broker: Mosquitto::start(),
+            copy: dir.path().join("copy"),
+            manifest: dir.path().join("manifest.json"),
+            dir,
+        }
+    }
+
+    /// `sensorlake run --lake s3://<bucket>/<prefix>`, configured only by the AWS variables
+    /// (plus `env`), logging to one file across restarts; subscribed when this returns.
+    fn pipeline(&self, prefix: &str, env: &[(&str, &str)]) -> Pipeline {
+        let aws = self.moto.env();
+        let mut all: Vec<(&str, &str)> = aws.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(env);
+        let (url, lake) = (self.broker.url(), format!("s3://{}/{prefix}", Self::BUCKET));
+        let args = ["--mqtt", url.as_str(), "--lake", lake.as_str()];
+        Pipeline::start(&args, &self.dir.path().join("pipeline.log"), &all)
+    }
+
+    /// `sensorlake simulate` in the background.
+    fn simulate(&self, devices: u32, readings: u64, seed: u64, extra: &[&str]) -> Child {
+        let url = self.broker.url();
+        bin()
+            .args(simulate_args(
+                &url,
+                devices,
+                readings,
+                0.02,
+                seed,
+                &self.manifest,
+                extra,
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn verify_eventually(&self, prefix: &str, timeout: Duration) -> (bool, String) {
+        verify_s3_eventually(&self.store, prefix, &self.copy, &self.manifest, timeout)
+    }
+
+    /// Temporary objects of writer w0 in the last copy.
+    fn stray_tmp(&self) -> usize {
+        std::fs::read_dir(self.copy.join("_sensorlake/tmp/w0"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
 /// SIGKILLs at seeded random moments while readings stream in and while the backlog drains,
 /// each followed by a restart, then `verify` must be exact: nothing lost, nothing twice, every
 /// file opens, no temporary object left. `SENSORLAKE_TEST_KILLS` (default 8),
@@ -179,47 +248,26 @@ fn a_lake_on_s3_survives_sigkills_at_random_moments_and_ends_exact() {
     let kills = env_u64("SENSORLAKE_TEST_KILLS", 8);
     let sent_target = env_u64("SENSORLAKE_TEST_READINGS", 50_000);
     let mut rng = Rng(seed.max(1));
-    let moto = Moto::start("telemetry-lake");
-    let store = moto.store("telemetry-lake");
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (copy, manifest) = (dir.path().join("copy"), dir.path().join("manifest.json"));
-    let env_owned = moto.env();
-    let mut env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"));
-    env.push(("SENSORLAKE_FLUSH__MAX_MESSAGES", "2000"));
-    let url = broker.url();
-    let args = ["--mqtt", &url, "--lake", "s3://telemetry-lake/kills"];
-    let log = dir.path().join("pipeline.log");
+    let sc = S3Scenario::new();
+    let env = [
+        ("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"),
+        ("SENSORLAKE_FLUSH__MAX_MESSAGES", "2000"),
+    ];
 
-    let mut p = Pipeline::start(&args, &log, &env);
-    let mut sim = bin()
-        .args(simulate_args(
-            &url,
-            300,
-            sent_target,
-            0.02,
-            seed,
-            &manifest,
-            &["--rate", "10000"],
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut p = sc.pipeline("kills", &env);
+    let mut sim = sc.simulate(300, sent_target, seed, &["--rate", "10000"]);
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(100 + rng.below(1400)));
         p.kill9();
-        p = Pipeline::start(&args, &log, &env);
+        p = sc.pipeline("kills", &env);
     }
     assert!(
         sim.wait().unwrap().success(),
         "seed {seed}: the simulator failed"
     );
-    let sent = manifest_messages(&manifest);
+    let sent = manifest_messages(&sc.manifest);
     assert_eq!(sent, sent_target, "seed {seed}");
-    let (exact, report) =
-        verify_s3_eventually(&store, "kills", &copy, &manifest, Duration::from_secs(180));
+    let (exact, report) = sc.verify_eventually("kills", Duration::from_secs(180));
     assert!(
         p.terminate().success(),
         "seed {seed}: SIGTERM must exit 0:\n{}",
@@ -229,55 +277,32 @@ fn a_lake_on_s3_survives_sigkills_at_random_moments_and_ends_exact() {
         exact,
         "seed {seed}: after {kills} SIGKILLs the S3 lake holds every reading once:\n{report}"
     );
-    let stray = std::fs::read_dir(copy.join("_sensorlake/tmp/w0"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(stray, 0, "seed {seed}: temporary objects left behind");
+    assert_eq!(
+        sc.stray_tmp(),
+        0,
+        "seed {seed}: temporary objects left behind"
+    );
     eprintln!("seed {seed}: {kills} SIGKILLs, {sent} readings, exact");
 }
 
 #[test]
 fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
-    let moto = Moto::start("telemetry-lake");
-    let store = moto.store("telemetry-lake");
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (copy, manifest) = (dir.path().join("copy"), dir.path().join("manifest.json"));
-    let env_owned = moto.env();
-    let mut env: Vec<(&str, &str)> = env_owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"));
-    let url = broker.url();
-    let args = ["--mqtt", &url, "--lake", "s3://telemetry-lake/site-a/lake"];
-    let log = dir.path().join("pipeline.log");
-    let mut p = Pipeline::start(&args, &log, &env);
+    let sc = S3Scenario::new();
+    let env = [("SENSORLAKE_FLUSH__MAX_AGE_MS", "200")];
+    let mut p = sc.pipeline("site-a/lake", &env);
 
     const SENT: u64 = 20_000;
-    let sim = bin()
-        .args(simulate_args(&url, 200, SENT, 0.02, 31, &manifest, &[]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let committed = |copy: &Path| {
-        mirror(&store, "site-a/lake", copy);
-        committed_readings(copy)
-    };
+    let mut sim = sc.simulate(200, SENT, 31, &[]);
     wait_for("some commits on S3", Duration::from_secs(60), || {
-        committed(&copy) > 0
+        mirror(&sc.store, "site-a/lake", &sc.copy);
+        committed_readings(&sc.copy) > 0
     });
     p.kill9();
-    let mut sim = sim;
     assert!(sim.wait().unwrap().success(), "the simulator failed");
-    assert_eq!(manifest_messages(&manifest), SENT);
+    assert_eq!(manifest_messages(&sc.manifest), SENT);
 
-    let mut p = Pipeline::start(&args, &log, &env);
-    let (exact, report) = verify_s3_eventually(
-        &store,
-        "site-a/lake",
-        &copy,
-        &manifest,
-        Duration::from_secs(120),
-    );
+    let mut p = sc.pipeline("site-a/lake", &env);
+    let (exact, report) = sc.verify_eventually("site-a/lake", Duration::from_secs(120));
     assert!(
         p.terminate().success(),
         "SIGTERM must exit 0:\n{}",
@@ -287,8 +312,5 @@ fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
         exact,
         "after a SIGKILL the S3 lake holds every reading once:\n{report}"
     );
-    let stray = std::fs::read_dir(copy.join("_sensorlake/tmp/w0"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(stray, 0, "no temporary objects are left behind");
+    assert_eq!(sc.stray_tmp(), 0, "no temporary objects are left behind");
 }

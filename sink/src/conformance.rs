@@ -3,7 +3,6 @@
 //! on a free loopback port. Each scenario is written once against [`Fx`] and instantiated per
 //! store by `on_every_store!`.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -15,13 +14,13 @@ use futures_util::TryStreamExt;
 use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sensorlake_core::{DeviceCheckpoint, FlushCounts, TelemetrySchema};
+use sensorlake_core::TelemetrySchema;
 use tempfile::TempDir;
 
 use crate::lake::Failpoint;
 use crate::object::{ObjectStorage, PART_BYTES};
-use crate::test_util::{HOUR_US, T0, dead_letter_batch, fast_options, list_files, telemetry_batch};
-use crate::{CommitStep, Flush, Lake, Recovered, SinkError};
+use crate::test_util::{HOUR_US, T0, TestFlush, fast_options, list_files};
+use crate::{CommitStep, Lake, Recovered, SinkError};
 
 /// `moto_server` on a free port, killed when dropped.
 struct Moto(Child);
@@ -99,7 +98,7 @@ impl Fx {
     }
 
     fn memory() -> Self {
-        Self::object(Arc::new(InMemory::new()), "memory://lake", None)
+        Self::object(Arc::new(InMemory::new()), "", "memory://lake", None)
     }
 
     fn moto() -> Self {
@@ -113,19 +112,24 @@ impl Fx {
             .with_secret_access_key("test")
             .build()
             .unwrap();
-        Self::object(Arc::new(s3), "s3://lake/some/prefix", Some(moto))
+        Self::object(
+            Arc::new(s3),
+            "some/prefix",
+            "s3://lake/some/prefix",
+            Some(moto),
+        )
     }
 
-    fn object(store: Arc<dyn ObjectStore>, url: &str, moto: Option<Moto>) -> Self {
+    fn object(
+        store: Arc<dyn ObjectStore>,
+        prefix: &'static str,
+        url: &str,
+        moto: Option<Moto>,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let prefix = if url.starts_with("s3://") {
-            "some/prefix"
-        } else {
-            ""
-        };
         Self::with(Backend::Object {
             store,
             prefix,
@@ -238,58 +242,8 @@ impl Fx {
             .sum()
     }
 
-    fn flush(&self, rows: &[(&str, i64, u64)], dead: &[i64]) -> OwnedFlush {
-        OwnedFlush::new(&self.schema, rows, dead)
-    }
-}
-
-struct OwnedFlush {
-    telemetry: Vec<arrow::array::RecordBatch>,
-    dead_letters: Vec<arrow::array::RecordBatch>,
-    counts: FlushCounts,
-    devices: BTreeMap<String, DeviceCheckpoint>,
-    sources: serde_json::Value,
-}
-
-impl OwnedFlush {
-    fn new(schema: &TelemetrySchema, rows: &[(&str, i64, u64)], dead: &[i64]) -> Self {
-        let mut devices = BTreeMap::new();
-        for &(device, _, seq) in rows {
-            let cp = devices
-                .entry(device.to_owned())
-                .or_insert(DeviceCheckpoint {
-                    seq,
-                    energy_kwh: None,
-                });
-            cp.seq = cp.seq.max(seq);
-        }
-        let mut counts = FlushCounts {
-            received: (rows.len() + dead.len()) as u64,
-            accepted: rows.len() as u64,
-            ..FlushCounts::default()
-        };
-        if !dead.is_empty() {
-            counts
-                .rejected
-                .insert("json_syntax".into(), dead.len() as u64);
-        }
-        Self {
-            telemetry: vec![telemetry_batch(schema, rows)],
-            dead_letters: vec![dead_letter_batch(schema, dead)],
-            counts,
-            devices,
-            sources: serde_json::Value::Null,
-        }
-    }
-
-    fn flush(&self) -> Flush<'_> {
-        Flush {
-            telemetry: &self.telemetry,
-            dead_letters: &self.dead_letters,
-            counts: &self.counts,
-            devices: &self.devices,
-            sources: &self.sources,
-        }
+    fn flush(&self, rows: &[(&str, i64, u64)], dead: &[i64]) -> TestFlush {
+        TestFlush::new(&self.schema, rows, dead)
     }
 }
 
@@ -448,7 +402,7 @@ fn a_file_over_one_part_is_uploaded_in_parts_and_reads_back_whole() {
 fn commit_through_faults(
     open: &dyn Fn() -> Result<(Lake, Recovered), SinkError>,
     mut lake: Lake,
-    flush: &OwnedFlush,
+    flush: &TestFlush,
     number: u64,
     seed: u64,
 ) -> (Lake, u32) {
@@ -497,7 +451,7 @@ fn a_store_failing_10_percent_of_requests_after_retries_still_ends_exact() {
     for seed in [1, 2, 3, 4] {
         let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let faulty = Arc::new(FaultyStore::new(memory.clone(), seed, 100));
-        let fx = Fx::object(faulty.clone(), "memory://faulty", None);
+        let fx = Fx::object(faulty.clone(), "", "memory://faulty", None);
         let open = || fx.try_open("w0");
         let (mut lake, _) = loop {
             if let Ok(opened) = open() {
@@ -523,7 +477,7 @@ fn a_store_failing_10_percent_of_requests_after_retries_still_ends_exact() {
         assert_eq!(recovered.last_commit, Some(FLUSHES - 1), "seed {seed}");
         assert_eq!(recovered.totals.received, FLUSHES * 3, "seed {seed}");
 
-        let clean = Fx::object(memory, "memory://faulty", None);
+        let clean = Fx::object(memory, "", "memory://faulty", None);
         assert_eq!(clean.telemetry_rows(), 2 * FLUSHES as usize, "seed {seed}");
         assert_eq!(
             clean.files("dead_letter").len(),

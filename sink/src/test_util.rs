@@ -12,7 +12,9 @@ use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sensorlake_core::{TelemetrySchema, columns};
 
-use crate::LakeOptions;
+use crate::{Flush, LakeOptions};
+use sensorlake_core::{DeviceCheckpoint, FlushCounts};
+use std::collections::BTreeMap;
 
 /// 2026-11-27T15:00:00Z in µs.
 pub(crate) const T0: i64 = 1_795_791_600_000_000;
@@ -134,4 +136,64 @@ pub(crate) fn list_files(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// A flush that owns its parts.
+pub(crate) struct TestFlush {
+    pub(crate) telemetry: Vec<RecordBatch>,
+    pub(crate) dead_letters: Vec<RecordBatch>,
+    pub(crate) counts: FlushCounts,
+    pub(crate) devices: BTreeMap<String, DeviceCheckpoint>,
+    pub(crate) sources: serde_json::Value,
+}
+
+impl TestFlush {
+    /// Telemetry `rows` and one dead letter per `dead` time; counts and checkpoints to match.
+    pub(crate) fn new(schema: &TelemetrySchema, rows: &[(&str, i64, u64)], dead: &[i64]) -> Self {
+        let mut devices = BTreeMap::new();
+        for &(device, _, seq) in rows {
+            let cp = devices
+                .entry(device.to_owned())
+                .or_insert(DeviceCheckpoint {
+                    seq,
+                    energy_kwh: None,
+                });
+            cp.seq = cp.seq.max(seq);
+        }
+        let mut counts = FlushCounts {
+            received: (rows.len() + dead.len()) as u64,
+            accepted: rows.len() as u64,
+            ..FlushCounts::default()
+        };
+        if !dead.is_empty() {
+            counts
+                .rejected
+                .insert("json_syntax".into(), dead.len() as u64);
+        }
+        Self {
+            telemetry: if rows.is_empty() {
+                Vec::new()
+            } else {
+                vec![telemetry_batch(schema, rows)]
+            },
+            dead_letters: if dead.is_empty() {
+                Vec::new()
+            } else {
+                vec![dead_letter_batch(schema, dead)]
+            },
+            counts,
+            devices,
+            sources: serde_json::Value::Null,
+        }
+    }
+
+    pub(crate) fn flush(&self) -> Flush<'_> {
+        Flush {
+            telemetry: &self.telemetry,
+            dead_letters: &self.dead_letters,
+            counts: &self.counts,
+            devices: &self.devices,
+            sources: &self.sources,
+        }
+    }
 }

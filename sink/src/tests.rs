@@ -1,6 +1,5 @@
 //! Tests of the lake as a whole: the commit protocol, recovery, locking, the file format.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -10,78 +9,17 @@ use arrow::datatypes::{DataType, TimeUnit};
 use arrow::util::pretty::pretty_format_batches;
 use parquet::basic::{Compression, LogicalType};
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use sensorlake_core::{DeviceCheckpoint, FlushCounts, TelemetrySchema};
+use sensorlake_core::{DeviceCheckpoint, TelemetrySchema};
 use serde_json::json;
 use tempfile::TempDir;
 
 use crate::lake::Failpoint;
 use crate::test_util::{
-    DAY_US, HOUR_US, T0, dead_letter_batch, fast_options, list_files, read_parquet, telemetry_batch,
+    DAY_US, HOUR_US, T0, TestFlush, fast_options, list_files, read_parquet, telemetry_batch,
 };
 use crate::{
-    CommitStep, Flush, Lake, LakeOptions, Recovered, SinkError, Table, encode_parquet,
-    read_commit_records,
+    CommitStep, Lake, LakeOptions, Recovered, SinkError, Table, encode_parquet, read_commit_records,
 };
-
-/// A flush that owns its parts.
-struct TestFlush {
-    telemetry: Vec<RecordBatch>,
-    dead_letters: Vec<RecordBatch>,
-    counts: FlushCounts,
-    devices: BTreeMap<String, DeviceCheckpoint>,
-    sources: serde_json::Value,
-}
-
-impl TestFlush {
-    /// Telemetry `rows` and one dead letter per `dead` time; counts and checkpoints to match.
-    fn new(schema: &TelemetrySchema, rows: &[(&str, i64, u64)], dead: &[i64]) -> Self {
-        let mut devices = BTreeMap::new();
-        for &(device, _, seq) in rows {
-            let cp = devices
-                .entry(device.to_owned())
-                .or_insert(DeviceCheckpoint {
-                    seq,
-                    energy_kwh: None,
-                });
-            cp.seq = cp.seq.max(seq);
-        }
-        let mut counts = FlushCounts {
-            received: (rows.len() + dead.len()) as u64,
-            accepted: rows.len() as u64,
-            ..FlushCounts::default()
-        };
-        if !dead.is_empty() {
-            counts
-                .rejected
-                .insert("json_syntax".into(), dead.len() as u64);
-        }
-        Self {
-            telemetry: if rows.is_empty() {
-                Vec::new()
-            } else {
-                vec![telemetry_batch(schema, rows)]
-            },
-            dead_letters: if dead.is_empty() {
-                Vec::new()
-            } else {
-                vec![dead_letter_batch(schema, dead)]
-            },
-            counts,
-            devices,
-            sources: serde_json::Value::Null,
-        }
-    }
-
-    fn flush(&self) -> Flush<'_> {
-        Flush {
-            telemetry: &self.telemetry,
-            dead_letters: &self.dead_letters,
-            counts: &self.counts,
-            devices: &self.devices,
-            sources: &self.sources,
-        }
-    }
-}
 
 struct Fixture {
     dir: TempDir,
