@@ -1,5 +1,6 @@
 //! Measures what DESIGN.md's "in-flight window" section relies on, against real Mosquitto:
-//! how many unacknowledged QoS 1 messages the broker sends a subscriber that never acks.
+//! how many unacknowledged QoS 1 messages the broker sends a subscriber that never acks, and
+//! that our subscriber's acknowledgements leave while its pipeline reads nothing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -98,4 +99,110 @@ async fn mosquitto_honours_receive_maximum_and_pins_mqtt311_at_max_inflight_mess
         got4, 20,
         "Mosquitto pins MQTT 3.1.1 clients at max_inflight_messages (20)"
     );
+}
+
+/// Publishes `n` messages `0..n` at `qos` and waits until the broker has them all.
+async fn publish_qos(port: u16, topic: &str, n: usize, qos: rumqttc::QoS) {
+    let mut o = rumqttc::MqttOptions::new("ack-pub", "127.0.0.1", port);
+    o.set_inflight(100);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 2 * n);
+    for i in 0..n {
+        client
+            .publish(topic, qos, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    let mut done = 0;
+    while done < n {
+        match el.poll().await.unwrap() {
+            rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))
+            | rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_)) => done += 1,
+            _ => {}
+        }
+    }
+}
+
+/// The regression test for a deadlock of rumqttc's single event loop, which we used to run
+/// on: with the delivery channel full, the loop waited for the pipeline and the pipeline's
+/// acknowledgements waited for the loop. Here the "pipeline" acknowledges what it took and
+/// then reads nothing until the acknowledgements are on the wire; the broker is the judge:
+/// a new connection on the same session gets back exactly the messages not acknowledged.
+#[tokio::test]
+async fn acknowledgements_leave_while_the_pipeline_reads_nothing() {
+    use sensorlake_ingest::{MqttConfig, MqttSource};
+    for (qos, publish_qos_level) in [
+        (1u8, rumqttc::QoS::AtLeastOnce),
+        (2, rumqttc::QoS::ExactlyOnce),
+    ] {
+        let broker = Mosquitto::start();
+        let config = MqttConfig {
+            url: format!("mqtt://127.0.0.1:{}", broker.port),
+            topics: vec!["acks/#".into()],
+            qos,
+            channel_capacity: 4,
+            receive_maximum: 50,
+            ..MqttConfig::default()
+        };
+        let client_id = format!("ack-test-{qos}");
+        let mut source = MqttSource::start(&config, &client_id).unwrap();
+        let events = source.acker().events().clone();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("subscribed within 10 s");
+        publish_qos(broker.port, "acks/d", 200, publish_qos_level).await;
+
+        // Take 20 messages; the channel (4) and the reader fill up behind them.
+        let mut taken = Vec::new();
+        let mut tokens = Vec::new();
+        while taken.len() < 20 {
+            let d = source.deliveries.recv().await.unwrap();
+            taken.push(String::from_utf8(d.record.payload.to_vec()).unwrap());
+            tokens.push(d.ack);
+        }
+        assert_eq!(source.acker().ack(&tokens), 20);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while events
+                .acks_written
+                .load(std::sync::atomic::Ordering::Relaxed)
+                < 20
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "QoS {qos}: acknowledgements not written while the delivery channel is full \
+                 (queued {}, written {})",
+                events
+                    .acks_queued
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                events
+                    .acks_written
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            )
+        });
+        source.shutdown(Duration::from_secs(5)).await;
+
+        // The same session again: the broker redelivers everything but the 20 acknowledged.
+        let mut again = MqttSource::start(&config, &client_id).unwrap();
+        let mut redelivered = std::collections::BTreeSet::new();
+        while let Ok(Some(d)) = tokio::time::timeout(QUIET, again.deliveries.recv()).await {
+            redelivered.insert(String::from_utf8(d.record.payload.to_vec()).unwrap());
+            again.acker().ack(&[d.ack]);
+        }
+        again.shutdown(Duration::from_secs(5)).await;
+        let expected: std::collections::BTreeSet<String> = (0..200)
+            .map(|i| i.to_string())
+            .filter(|p| !taken.contains(p))
+            .collect();
+        assert_eq!(
+            redelivered, expected,
+            "QoS {qos}: the broker should keep exactly the unacknowledged messages"
+        );
+    }
 }

@@ -212,7 +212,7 @@ pub async fn run(
             MqttProtocol::V4 => 10_000,
         });
     let mut policy = FlushPolicy::new(max_messages, config.flush.max_bytes, config.max_age());
-    let mut source = MqttSource::start(&config.mqtt, &config.client_id(), max_messages)?;
+    let mut source = MqttSource::start(&config.mqtt, &config.client_id())?;
     info!(broker = %source.addr(), client_id = %config.client_id(), protocol = ?config.mqtt.protocol,
           flush_messages = max_messages, "Starting MQTT source");
 
@@ -357,7 +357,7 @@ impl Stages {
         let summary = self.commit_with_retry(Arc::new(output)).await?;
 
         // The commit is durable: only now are the messages acknowledged, in receive order.
-        self.acker.ack(&acks).await;
+        self.acker.ack(&acks);
         telemetry::set_in_flight(pending.len());
 
         let secs = started.elapsed().as_secs_f64();

@@ -1,30 +1,39 @@
-//! The running MQTT source: one task polls the rumqttc event loop and forwards publishes.
+//! The running MQTT source: our own subscriber connection over rumqttc's packet codecs.
 //!
 //! Design:
-//! - The event loop is polled by its own task, which never awaits the client it serves; it
-//!   only awaits the bounded delivery channel, so a slow pipeline stops the polling, the TCP
-//!   window fills and the broker stops sending (back-pressure all the way to the broker).
-//! - Acknowledgements are manual: [`MqttAcker::ack`] sends the PUBACKs for committed records,
-//!   in receive order. The request channel is sized to hold every acknowledgement that can be
-//!   outstanding, so acking never blocks on the event loop.
-//! - Packet ids are only meaningful on the connection that delivered them. Every reconnect
-//!   starts a new *epoch*: acknowledgements of older epochs are dropped (the broker redelivers
-//!   those messages, and the transform counts them as duplicates), and acknowledgements that
-//!   rumqttc had queued for the old connection are purged, so a stale PUBACK can never
-//!   acknowledge a different message that reuses the packet id.
+//! - One task owns the connection. It reads and writes concurrently, as two independent
+//!   halves: the *reader* parses packets and forwards publishes into the bounded delivery
+//!   channel; the *writer* sends acknowledgements, keep-alive pings and QoS 2 completions.
+//! - Back-pressure: when the pipeline is slow, the reader waits on the delivery channel and
+//!   stops reading the socket, so the TCP window fills and the broker stops sending. The
+//!   writer keeps running meanwhile, so acknowledgements for committed messages always leave,
+//!   however many deliveries are waiting. (A client whose event loop does both in one loop —
+//!   rumqttc's — deadlocks here: the loop waits for the pipeline, the pipeline's acks wait for
+//!   the loop.)
+//! - Acknowledgements are manual: [`MqttAcker::ack`] queues the PUBACKs of committed records
+//!   in receive order without waiting; the writer takes everything queued and sends it in one
+//!   write. The queue holds at most what was delivered and not yet acknowledged, which the
+//!   broker's window and the pipeline's flush size bound.
+//! - Packet ids are only meaningful on the connection that delivered them. Every connection
+//!   is an *epoch*; the writer drops acknowledgements of other epochs (the broker redelivers
+//!   those messages on the new connection, and the transform counts them as duplicates), so a
+//!   stale PUBACK can never acknowledge a different message that reuses the packet id.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use sensorlake_core::RawRecord;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::config::{BrokerAddr, ConfigError, MqttConfig, MqttProtocol};
+use super::config::{BrokerAddr, ConfigError, MqttConfig};
+use super::wire::{ConnectOptions, Incoming, Wire};
 use crate::backoff::Backoff;
 
 /// One received message and the token that acknowledges it.
@@ -62,28 +71,19 @@ pub struct SourceEvent {
     /// Acknowledgements dropped because their connection was gone.
     pub stale_acks: AtomicU64,
     /// The broker has acknowledged our subscriptions (or the session kept them).
-    pub subscribed: std::sync::atomic::AtomicBool,
-    /// The event-loop task has ended: nothing more can be acknowledged.
-    pub loop_done: std::sync::atomic::AtomicBool,
-    /// Acknowledgements handed to the MQTT client.
+    pub subscribed: AtomicBool,
+    /// The connection task has ended: nothing more can be acknowledged.
+    pub loop_done: AtomicBool,
+    /// Acknowledgements queued by the pipeline.
     pub acks_queued: AtomicU64,
-    /// Acknowledgements the MQTT client has written to the connection.
+    /// Acknowledgements written to the connection.
     pub acks_written: AtomicU64,
-}
-
-#[derive(Clone)]
-enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
 }
 
 /// Sends acknowledgements for committed messages. Cheap to clone.
 #[derive(Clone)]
 pub struct MqttAcker {
-    client: Client,
-    /// The current connection epoch. Acks read-lock it while queueing; a reconnect
-    /// write-locks it while it purges queued acks, so no stale ack slips through.
-    epoch: Arc<RwLock<u64>>,
+    acks: mpsc::UnboundedSender<Vec<AckToken>>,
     events: Arc<SourceEvent>,
 }
 
@@ -94,110 +94,29 @@ impl std::fmt::Debug for MqttAcker {
 }
 
 impl MqttAcker {
-    /// Acknowledges `tokens` in the order given (the receive order). Returns how many PUBACKs
-    /// were queued; tokens of an earlier connection are skipped (the broker redelivers those).
-    pub async fn ack(&self, tokens: &[AckToken]) -> usize {
-        let mut sent = 0;
-        let mut full_since: Option<std::time::Instant> = None;
-        let mut warned = false;
-        for t in tokens.iter().filter(|t| t.needs_ack()) {
-            loop {
-                let queued = {
-                    let epoch = self.epoch.read().unwrap_or_else(|e| e.into_inner());
-                    if t.epoch != *epoch {
-                        self.events.stale_acks.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    self.try_ack(t)
-                };
-                match queued {
-                    Ok(()) => {
-                        sent += 1;
-                        self.events.acks_queued.fetch_add(1, Ordering::Relaxed);
-                        full_since = None;
-                        break;
-                    }
-                    // The channel is sized for every outstanding ack; if it is full anyway,
-                    // give the event loop a moment rather than spin.
-                    Err(AckError::Full) => {
-                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
-                        if !warned && since.elapsed() >= Duration::from_secs(5) {
-                            warned = true;
-                            warn!(
-                                acked = sent,
-                                to_ack = tokens.len(),
-                                acks_queued = self.events.acks_queued.load(Ordering::Relaxed),
-                                acks_written = self.events.acks_written.load(Ordering::Relaxed),
-                                "The MQTT client has taken no acknowledgement for 5 s (its request queue stays full); still trying. This is a bug: please report it with this log"
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    // The event loop is gone (shutdown): nothing can be acknowledged any more;
-                    // the broker redelivers on the next session.
-                    Err(AckError::Closed) => return sent,
-                }
-            }
+    /// Queues acknowledgements for `tokens`, in the order given (the receive order), and
+    /// returns how many were queued. Never waits. Tokens of an earlier connection are dropped
+    /// when their turn comes (the broker redelivers those messages).
+    pub fn ack(&self, tokens: &[AckToken]) -> usize {
+        let batch: Vec<AckToken> = tokens.iter().copied().filter(AckToken::needs_ack).collect();
+        let n = batch.len();
+        if n == 0 {
+            return 0;
         }
-        sent
-    }
-
-    fn try_ack(&self, t: &AckToken) -> Result<(), AckError> {
-        let queued = match &self.client {
-            Client::V4(c) => c
-                .try_ack(&rumqttc::Publish {
-                    dup: false,
-                    qos: qos_v4(t.qos),
-                    retain: false,
-                    topic: String::new(),
-                    pkid: t.pkid,
-                    payload: Bytes::new(),
-                })
-                .is_ok(),
-            Client::V5(c) => c
-                .try_ack(&rumqttc::v5::mqttbytes::v5::Publish {
-                    dup: false,
-                    qos: qos_v5(t.qos),
-                    retain: false,
-                    topic: Bytes::new(),
-                    pkid: t.pkid,
-                    payload: Bytes::new(),
-                    properties: None,
-                })
-                .is_ok(),
-        };
-        // rumqttc reports "full" and "event loop gone" alike; the loop's own flag tells them apart.
-        match queued {
-            true => Ok(()),
-            false if self.events.loop_done.load(Ordering::Acquire) => Err(AckError::Closed),
-            false => Err(AckError::Full),
+        // Fails only once the connection task has ended (shutdown): then nothing can be
+        // acknowledged any more, and the broker redelivers on the next session.
+        if self.acks.send(batch).is_err() {
+            return 0;
         }
+        self.events
+            .acks_queued
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// Connection statistics.
     pub fn events(&self) -> &Arc<SourceEvent> {
         &self.events
-    }
-}
-
-enum AckError {
-    Full,
-    Closed,
-}
-
-fn qos_v4(q: u8) -> rumqttc::QoS {
-    match q {
-        0 => rumqttc::QoS::AtMostOnce,
-        1 => rumqttc::QoS::AtLeastOnce,
-        _ => rumqttc::QoS::ExactlyOnce,
-    }
-}
-
-fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
-    match q {
-        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
     }
 }
 
@@ -208,116 +127,95 @@ pub struct MqttSource {
     pub deliveries: mpsc::Receiver<Delivery>,
     acker: MqttAcker,
     stop_intake: CancellationToken,
+    disconnect: CancellationToken,
     stop: CancellationToken,
     task: JoinHandle<()>,
     addr: BrokerAddr,
 }
 
-/// What the event-loop task needs besides the event loop itself.
-struct LoopCtx {
+/// Everything the connection task needs besides the ack queue.
+struct Ctx {
     addr: BrokerAddr,
+    wire: Wire,
+    client_id: String,
+    keep_alive_secs: u16,
+    clean_start: bool,
+    username: Option<String>,
+    password: Option<String>,
+    receive_maximum: u16,
+    session_expiry_secs: u32,
     topics: Vec<String>,
     qos: u8,
     tx: mpsc::Sender<Delivery>,
-    epoch: Arc<RwLock<u64>>,
     events: Arc<SourceEvent>,
     stop_intake: CancellationToken,
+    /// Send the queued acks, then DISCONNECT, then end.
+    disconnect: CancellationToken,
+    /// End now.
     stop: CancellationToken,
     backoff: Backoff,
     /// `sensorlake_mqtt_messages_total`, looked up once rather than per message.
     messages: metrics::Counter,
 }
 
+/// How long connecting and the broker's CONNACK may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from the socket at a time; published payloads share these buffers.
+const READ_CHUNK: usize = 64 * 1024;
+/// Most acknowledgement batches taken per write.
+const ACK_BATCHES_PER_WRITE: usize = 256;
+
 impl MqttSource {
-    /// Connects (in the background) and subscribes. `max_unacked` is the most messages the
-    /// pipeline may hold unacknowledged at once; it sizes the acknowledgement queue.
+    /// Connects (in the background) and subscribes.
     ///
     /// Must be called inside a tokio runtime.
     ///
     /// # Errors
     /// When the configuration is invalid; connection problems are retried in the background
     /// and logged, never returned.
-    pub fn start(
-        config: &MqttConfig,
-        client_id: &str,
-        max_unacked: usize,
-    ) -> Result<MqttSource, ConfigError> {
+    pub fn start(config: &MqttConfig, client_id: &str) -> Result<MqttSource, ConfigError> {
         let addr = config.validate()?;
         let (tx, rx) = mpsc::channel(config.channel_capacity);
-        // Every ack that can be outstanding fits: what the pipeline holds, what the delivery
-        // channel holds, and the broker's window.
-        let request_cap =
-            max_unacked + config.channel_capacity + usize::from(config.receive_maximum) + 1024;
-        let keep_alive = Duration::from_secs(config.keep_alive_secs.max(5));
-        let epoch = Arc::new(RwLock::new(0u64));
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let events = Arc::new(SourceEvent::default());
         let stop_intake = CancellationToken::new();
+        let disconnect = CancellationToken::new();
         let stop = CancellationToken::new();
         let (min, max) = config.reconnect_bounds();
-        let ctx = LoopCtx {
+        let ctx = Ctx {
             addr: addr.clone(),
+            wire: Wire::new(config.protocol, config.max_packet_bytes),
+            client_id: client_id.to_owned(),
+            keep_alive_secs: u16::try_from(config.keep_alive_secs.clamp(5, 65_535))
+                .unwrap_or(u16::MAX),
+            clean_start: config.clean_start,
+            username: config.username.clone(),
+            password: config.password.clone(),
+            receive_maximum: config.receive_maximum,
+            session_expiry_secs: config.session_expiry_secs,
             topics: config.topics.clone(),
             qos: config.qos,
             tx,
-            epoch: epoch.clone(),
             events: events.clone(),
             stop_intake: stop_intake.clone(),
+            disconnect: disconnect.clone(),
             stop: stop.clone(),
             backoff: Backoff::new(min, max),
             messages: metrics::counter!("sensorlake_mqtt_messages_total"),
         };
-        let (client, task) = match config.protocol {
-            MqttProtocol::V4 => {
-                let mut o = rumqttc::MqttOptions::new(client_id, &addr.host, addr.port);
-                o.set_keep_alive(keep_alive)
-                    .set_clean_session(config.clean_start)
-                    .set_manual_acks(true)
-                    .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes)
-                    .set_request_channel_capacity(request_cap);
-                if let Some(u) = &config.username {
-                    o.set_credentials(u, config.password.clone().unwrap_or_default());
-                }
-                let (client, eventloop) = rumqttc::AsyncClient::new(o, request_cap);
-                let c = client.clone();
-                let done = events.clone();
-                let task = tokio::spawn(async move {
-                    run_loop(V4(eventloop, c), ctx).await;
-                    done.loop_done.store(true, Ordering::Release);
-                });
-                (Client::V4(client), task)
-            }
-            MqttProtocol::V5 => {
-                let mut o = rumqttc::v5::MqttOptions::new(client_id, &addr.host, addr.port);
-                o.set_keep_alive(keep_alive)
-                    .set_clean_start(config.clean_start)
-                    .set_manual_acks(true)
-                    .set_receive_maximum(Some(config.receive_maximum))
-                    .set_max_packet_size(Some(
-                        u32::try_from(config.max_packet_bytes).unwrap_or(u32::MAX),
-                    ))
-                    .set_session_expiry_interval(Some(config.session_expiry_secs))
-                    .set_request_channel_capacity(request_cap);
-                if let Some(u) = &config.username {
-                    o.set_credentials(u, config.password.clone().unwrap_or_default());
-                }
-                let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, request_cap);
-                let c = client.clone();
-                let done = events.clone();
-                let task = tokio::spawn(async move {
-                    run_loop(V5(eventloop, c), ctx).await;
-                    done.loop_done.store(true, Ordering::Release);
-                });
-                (Client::V5(client), task)
-            }
-        };
+        let done = events.clone();
+        let task = tokio::spawn(async move {
+            run(ctx, ack_rx).await;
+            done.loop_done.store(true, Ordering::Release);
+        });
         Ok(MqttSource {
             deliveries: rx,
             acker: MqttAcker {
-                client,
-                epoch,
+                acks: ack_tx,
                 events,
             },
             stop_intake,
+            disconnect,
             stop,
             task,
             addr,
@@ -341,14 +239,10 @@ impl MqttSource {
         self.stop_intake.cancel();
     }
 
-    /// Disconnects cleanly after the queued acknowledgements are sent, waiting at most
-    /// `timeout`.
+    /// Sends the queued acknowledgements and disconnects cleanly, waiting at most `timeout`.
     pub async fn shutdown(self, timeout: Duration) {
         self.stop_intake.cancel();
-        let _ = match &self.acker.client {
-            Client::V4(c) => c.try_disconnect().is_ok(),
-            Client::V5(c) => c.try_disconnect().is_ok(),
-        };
+        self.disconnect.cancel();
         let mut task = self.task;
         if tokio::time::timeout(timeout, &mut task).await.is_err() {
             warn!(broker = %self.addr, "MQTT disconnect did not finish in time; closing the connection");
@@ -374,229 +268,311 @@ fn claimed_device(topic: &str) -> Option<Box<str>> {
         .map(Box::from)
 }
 
-impl LoopCtx {
-    /// Forwards one publish; false when the pipeline is gone.
-    async fn forward(&self, topic: &str, payload: Bytes, token: AckToken) -> bool {
-        if self.stop_intake.is_cancelled() {
-            return true;
-        }
-        let record = RawRecord {
-            payload,
-            claimed_device_id: claimed_device(topic),
-            position: Box::from(topic),
-            received_at_us: now_us(),
+/// Why a connection ended.
+enum End {
+    /// Disconnected on request, or the pipeline is gone: do not reconnect.
+    Done,
+    /// Lost or refused: reconnect after a back-off.
+    Lost(String),
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        End::Lost(e.to_string())
+    }
+}
+
+/// The connection task: connects, runs the connection until it ends, reconnects.
+async fn run(mut ctx: Ctx, mut acks: mpsc::UnboundedReceiver<Vec<AckToken>>) {
+    let stop = ctx.stop.clone();
+    for epoch in 1u64.. {
+        let ended = tokio::select! {
+            e = connection(&mut ctx, &mut acks, epoch) => e,
+            () = stop.cancelled() => return,
         };
-        self.messages.increment(1);
-        self.tx.send(Delivery { record, ack: token }).await.is_ok()
-    }
-
-    fn current_epoch(&self) -> u64 {
-        *self.epoch.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Starts a new epoch after a connection loss, purging acks queued for the old one.
-    fn new_epoch(&self, purge: impl FnOnce()) {
-        let mut e = self.epoch.write().unwrap_or_else(|e| e.into_inner());
-        *e += 1;
-        purge();
-    }
-
-    fn subscribed(&self) {
-        if !self.events.subscribed.swap(true, Ordering::AcqRel) {
-            info!(broker = %self.addr, topics = ?self.topics, "Subscribed to MQTT topics");
-        }
-    }
-
-    fn on_connected(&mut self, session_present: bool) -> bool {
-        let n = self.events.connects.fetch_add(1, Ordering::Relaxed);
-        self.backoff.reset();
-        info!(broker = %self.addr, session_present, "Connected to MQTT broker");
-        if n > 0 && !session_present {
-            warn!(
-                broker = %self.addr,
-                "Broker did not keep our session; messages published while we were away may be lost. \
-                 Keep the client id stable and the broker's persistence on"
-            );
-        }
-        if session_present {
-            self.subscribed();
-        }
-        !session_present
-    }
-
-    async fn on_error(&mut self, error: String) -> bool {
-        self.events.disconnects.fetch_add(1, Ordering::Relaxed);
+        let End::Lost(error) = ended else { return };
+        ctx.events.disconnects.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("sensorlake_mqtt_disconnects_total").increment(1);
-        let delay = self.backoff.next_delay();
-        warn!(broker = %self.addr, error = %error, retry_in_ms = delay.as_millis() as u64,
+        if ctx.disconnect.is_cancelled() {
+            // Shutting down without a connection: the broker redelivers what is unacknowledged.
+            return;
+        }
+        let delay = ctx.backoff.next_delay();
+        warn!(broker = %ctx.addr, error = %error, retry_in_ms = delay.as_millis() as u64,
               "MQTT connection failed; is the broker running and reachable at this address?");
         tokio::select! {
-            () = tokio::time::sleep(delay) => true,
-            () = self.stop.cancelled() => false,
-        }
-    }
-}
-
-/// What the event-loop task needs to know of one polled event, for either protocol version.
-enum LoopEvent {
-    Publish {
-        topic: String,
-        payload: Bytes,
-        pkid: u16,
-        qos: u8,
-    },
-    ConnAck {
-        session_present: bool,
-    },
-    SubAck {
-        refused: bool,
-    },
-    Disconnect,
-    /// The client wrote a PUBACK.
-    AckWritten,
-    Other,
-}
-
-/// One MQTT connection (a rumqttc event loop and its client), either protocol version.
-trait Session {
-    /// Polls the event loop once.
-    async fn poll(&mut self) -> Result<LoopEvent, String>;
-    /// Forgets every request queued for the old connection (acks, subscriptions).
-    fn purge(&mut self);
-    /// Queues subscriptions without awaiting the client this task serves.
-    fn subscribe(&self, topics: &[String], qos: u8);
-}
-
-struct V4(rumqttc::EventLoop, rumqttc::AsyncClient);
-struct V5(rumqttc::v5::EventLoop, rumqttc::v5::AsyncClient);
-
-impl Session for V4 {
-    async fn poll(&mut self) -> Result<LoopEvent, String> {
-        use rumqttc::{Event, Outgoing, Packet};
-        Ok(match self.0.poll().await.map_err(|e| e.to_string())? {
-            Event::Incoming(Packet::Publish(p)) => LoopEvent::Publish {
-                topic: p.topic,
-                payload: p.payload,
-                pkid: p.pkid,
-                qos: p.qos as u8,
-            },
-            Event::Incoming(Packet::ConnAck(a)) => LoopEvent::ConnAck {
-                session_present: a.session_present,
-            },
-            Event::Incoming(Packet::SubAck(s)) => LoopEvent::SubAck {
-                refused: s
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)),
-            },
-            Event::Outgoing(Outgoing::Disconnect) => LoopEvent::Disconnect,
-            Event::Outgoing(Outgoing::PubAck(_)) => LoopEvent::AckWritten,
-            _ => LoopEvent::Other,
-        })
-    }
-
-    fn purge(&mut self) {
-        self.0.clean();
-        self.0.pending.clear();
-    }
-
-    fn subscribe(&self, topics: &[String], qos: u8) {
-        for t in topics {
-            if let Err(e) = self.1.try_subscribe(t.clone(), qos_v4(qos)) {
-                warn!(topic = %t, error = %e, "Could not queue the subscription");
-            }
-        }
-    }
-}
-
-impl Session for V5 {
-    async fn poll(&mut self) -> Result<LoopEvent, String> {
-        use rumqttc::v5::Event;
-        use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
-        Ok(match self.0.poll().await.map_err(|e| e.to_string())? {
-            Event::Incoming(Packet::Publish(p)) => LoopEvent::Publish {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload,
-                pkid: p.pkid,
-                qos: p.qos as u8,
-            },
-            Event::Incoming(Packet::ConnAck(a)) => LoopEvent::ConnAck {
-                session_present: a.session_present,
-            },
-            Event::Incoming(Packet::SubAck(s)) => LoopEvent::SubAck {
-                refused: s
-                    .return_codes
-                    .iter()
-                    .any(|c| !matches!(c, SubscribeReasonCode::Success(_))),
-            },
-            Event::Outgoing(rumqttc::Outgoing::Disconnect) => LoopEvent::Disconnect,
-            Event::Outgoing(rumqttc::Outgoing::PubAck(_)) => LoopEvent::AckWritten,
-            _ => LoopEvent::Other,
-        })
-    }
-
-    fn purge(&mut self) {
-        self.0.clean();
-        self.0.pending.clear();
-    }
-
-    fn subscribe(&self, topics: &[String], qos: u8) {
-        for t in topics {
-            if let Err(e) = self.1.try_subscribe(t.clone(), qos_v5(qos)) {
-                warn!(topic = %t, error = %e, "Could not queue the subscription");
-            }
-        }
-    }
-}
-
-/// The event-loop task: polls, forwards publishes, (re)subscribes, and starts a new epoch on
-/// every connection loss.
-async fn run_loop(mut session: impl Session, mut ctx: LoopCtx) {
-    loop {
-        let polled = tokio::select! {
-            p = session.poll() => p,
+            () = tokio::time::sleep(delay) => {}
+            () = ctx.disconnect.cancelled() => return,
             () = ctx.stop.cancelled() => return,
+        }
+    }
+}
+
+/// One connection: CONNECT, CONNACK, SUBSCRIBE if the session is new, then the reader and the
+/// writer side by side until either ends.
+async fn connection(
+    ctx: &mut Ctx,
+    acks: &mut mpsc::UnboundedReceiver<Vec<AckToken>>,
+    epoch: u64,
+) -> End {
+    let connect = async {
+        let mut stream = TcpStream::connect((ctx.addr.host.as_str(), ctx.addr.port)).await?;
+        stream.set_nodelay(true)?;
+        let mut out = BytesMut::new();
+        ctx.wire.connect(
+            &ConnectOptions {
+                client_id: &ctx.client_id,
+                keep_alive_secs: ctx.keep_alive_secs,
+                clean_start: ctx.clean_start,
+                username: ctx.username.as_deref(),
+                password: ctx.password.as_deref(),
+                receive_maximum: ctx.receive_maximum,
+                session_expiry_secs: ctx.session_expiry_secs,
+            },
+            &mut out,
+        );
+        stream.write_all(&out).await?;
+        let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+        let first = next_packet(&ctx.wire, &mut stream, &mut inbuf).await?;
+        Ok::<_, End>((stream, inbuf, first))
+    };
+    let (stream, inbuf, first) = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return e,
+        Err(_) => return End::Lost(format!("no CONNACK within {CONNECT_TIMEOUT:?}")),
+    };
+    let Incoming::ConnAck {
+        session_present,
+        refused,
+        server_keep_alive,
+    } = first
+    else {
+        return End::Lost(format!("expected CONNACK, got {first:?}"));
+    };
+    if let Some(why) = refused {
+        return End::Lost(format!(
+            "the broker refused the connection: {why}; check the client id, credentials and ACLs"
+        ));
+    }
+    let n = ctx.events.connects.fetch_add(1, Ordering::Relaxed);
+    ctx.backoff.reset();
+    info!(broker = %ctx.addr, session_present, "Connected to MQTT broker");
+    if n > 0 && !session_present {
+        warn!(
+            broker = %ctx.addr,
+            "Broker did not keep our session; messages published while we were away may be lost. \
+             Keep the client id stable and the broker's persistence on"
+        );
+    }
+    if session_present {
+        subscribed(ctx);
+    }
+    let keep_alive = Duration::from_secs(u64::from(
+        server_keep_alive.unwrap_or(ctx.keep_alive_secs).max(1),
+    ));
+
+    let (rd, wr) = tokio::io::split(stream);
+    let link = Link {
+        epoch,
+        ping_outstanding: AtomicBool::new(false),
+        reader_waiting: AtomicBool::new(false),
+    };
+    let (comp_tx, comp_rx) = mpsc::unbounded_channel();
+    let reader = read_half(ctx, &link, rd, inbuf, comp_tx);
+    let writer = write_half(ctx, &link, wr, acks, comp_rx, !session_present, keep_alive);
+    tokio::select! {
+        e = reader => e,
+        e = writer => e,
+    }
+}
+
+/// State the two halves of one connection share.
+struct Link {
+    epoch: u64,
+    /// A PINGREQ went out and its PINGRESP has not come back.
+    ping_outstanding: AtomicBool,
+    /// The reader waits for the pipeline, so it reads nothing, PINGRESPs included.
+    reader_waiting: AtomicBool,
+}
+
+fn subscribed(ctx: &Ctx) {
+    if !ctx.events.subscribed.swap(true, Ordering::AcqRel) {
+        info!(broker = %ctx.addr, topics = ?ctx.topics, "Subscribed to MQTT topics");
+    }
+}
+
+/// Reads until one whole packet is in `buf` and returns it.
+async fn next_packet<R: AsyncRead + Unpin>(
+    wire: &Wire,
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Incoming, End> {
+    loop {
+        if let Some(p) = wire
+            .read(buf)
+            .map_err(|e| End::Lost(format!("bad packet from the broker: {e}")))?
+        {
+            return Ok(p);
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 8 {
+            buf.reserve(READ_CHUNK);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Err(End::Lost("the broker closed the connection".into()));
+        }
+    }
+}
+
+/// Reads packets and forwards publishes; waits for the pipeline when its channel is full.
+async fn read_half<R: AsyncRead + Unpin>(
+    ctx: &Ctx,
+    link: &Link,
+    mut rd: R,
+    mut buf: BytesMut,
+    completions: mpsc::UnboundedSender<u16>,
+) -> End {
+    loop {
+        let packet = match next_packet(&ctx.wire, &mut rd, &mut buf).await {
+            Ok(p) => p,
+            Err(e) => return e,
         };
-        match polled {
-            Ok(LoopEvent::Publish {
+        match packet {
+            Incoming::Publish {
                 topic,
                 payload,
                 pkid,
                 qos,
-            }) => {
-                let token = AckToken {
-                    epoch: ctx.current_epoch(),
+            } => {
+                if ctx.stop_intake.is_cancelled() {
+                    // Neither forwarded nor acknowledged: the broker keeps it for next time.
+                    continue;
+                }
+                let record = RawRecord {
+                    payload,
+                    claimed_device_id: claimed_device(&topic),
+                    position: Box::from(topic),
+                    received_at_us: now_us(),
+                };
+                let ack = AckToken {
+                    epoch: link.epoch,
                     pkid,
                     qos,
                 };
-                if !ctx.forward(&topic, payload, token).await {
-                    return;
+                ctx.messages.increment(1);
+                link.reader_waiting.store(true, Ordering::Relaxed);
+                let sent = ctx.tx.send(Delivery { record, ack }).await;
+                link.reader_waiting.store(false, Ordering::Relaxed);
+                if sent.is_err() {
+                    return End::Done;
                 }
             }
-            Ok(LoopEvent::ConnAck { session_present }) => {
-                if ctx.on_connected(session_present) {
-                    session.subscribe(&ctx.topics, ctx.qos);
-                }
+            Incoming::PubRel { pkid } => {
+                let _ = completions.send(pkid);
             }
-            Ok(LoopEvent::SubAck { refused }) => {
+            Incoming::PingResp => link.ping_outstanding.store(false, Ordering::Relaxed),
+            Incoming::SubAck { refused } => {
                 if refused {
                     warn!(broker = %ctx.addr, "Broker refused a subscription; check the topic filters and ACLs");
                 }
-                ctx.subscribed();
+                subscribed(ctx);
             }
-            Ok(LoopEvent::Disconnect) => return,
-            Ok(LoopEvent::AckWritten) => {
-                ctx.events.acks_written.fetch_add(1, Ordering::Relaxed);
+            Incoming::Disconnect { reason } => {
+                return End::Lost(format!("the broker disconnected us: {reason}"));
             }
-            Ok(LoopEvent::Other) => {}
-            Err(e) => {
-                ctx.new_epoch(|| session.purge());
-                if !ctx.on_error(e).await {
-                    return;
-                }
+            Incoming::ConnAck { .. } => {
+                return End::Lost("a second CONNACK on one connection".into());
             }
+            Incoming::Other => {}
         }
     }
+}
+
+/// Writes acknowledgements (all that are queued, in one write), QoS 2 completions and
+/// keep-alive pings; on shutdown, the last acknowledgements and DISCONNECT.
+async fn write_half<W: AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    link: &Link,
+    mut wr: W,
+    acks: &mut mpsc::UnboundedReceiver<Vec<AckToken>>,
+    mut completions: mpsc::UnboundedReceiver<u16>,
+    subscribe: bool,
+    keep_alive: Duration,
+) -> End {
+    let mut out = BytesMut::with_capacity(4096);
+    if subscribe {
+        ctx.wire.subscribe(1, &ctx.topics, ctx.qos, &mut out);
+    }
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batches = Vec::with_capacity(ACK_BATCHES_PER_WRITE);
+    let mut acks_open = true;
+    loop {
+        let mut written = 0u64;
+        if !out.is_empty() {
+            if let Err(e) = wr.write_all(&out).await {
+                return e.into();
+            }
+            out.clear();
+        }
+        tokio::select! {
+            n = acks.recv_many(&mut batches, ACK_BATCHES_PER_WRITE), if acks_open => {
+                acks_open = n > 0;
+                written += encode_acks(ctx, link, batches.drain(..), &mut out);
+            }
+            Some(pkid) = completions.recv() => ctx.wire.pubcomp(pkid, &mut out),
+            _ = ping.tick() => {
+                if link.ping_outstanding.swap(true, Ordering::Relaxed)
+                    && !link.reader_waiting.load(Ordering::Relaxed)
+                {
+                    return End::Lost(format!("no PINGRESP from the broker within {keep_alive:?}"));
+                }
+                ctx.wire.ping(&mut out);
+            }
+            () = ctx.disconnect.cancelled() => {
+                while let Ok(b) = acks.try_recv() {
+                    written += encode_acks(ctx, link, std::iter::once(b), &mut out);
+                }
+                ctx.wire.disconnect(&mut out);
+                let sent = async {
+                    wr.write_all(&out).await?;
+                    wr.shutdown().await
+                };
+                if let Err(e) = sent.await {
+                    debug!(error = %e, "DISCONNECT could not be sent");
+                }
+                ctx.events.acks_written.fetch_add(written, Ordering::Relaxed);
+                return End::Done;
+            }
+        }
+        if written > 0 {
+            if let Err(e) = wr.write_all(&out).await {
+                return e.into();
+            }
+            out.clear();
+            ctx.events
+                .acks_written
+                .fetch_add(written, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Encodes the acknowledgements of this connection's epoch; counts and drops the rest.
+fn encode_acks(
+    ctx: &Ctx,
+    link: &Link,
+    batches: impl Iterator<Item = Vec<AckToken>>,
+    out: &mut BytesMut,
+) -> u64 {
+    let mut n = 0;
+    for t in batches.flatten() {
+        if t.epoch == link.epoch {
+            ctx.wire.ack(t.qos, t.pkid, out);
+            n += 1;
+        } else {
+            ctx.events.stale_acks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    n
 }
 
 #[cfg(test)]
