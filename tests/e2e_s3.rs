@@ -1,7 +1,8 @@
 //! The pipeline with its lake on S3, as `moto_server` (PyPI `moto[server]`) serves it on a
 //! free loopback port: MQTT in through Mosquitto, `--lake s3://bucket/prefix` configured only
-//! by the standard AWS environment variables, a SIGKILL mid-stream, and `verify` exact on a
-//! copy of the bucket.
+//! by the standard AWS environment variables, SIGKILLs mid-stream, a store that fails 30% of
+//! requests or is down for a minute (a fault-injecting HTTP proxy in front of moto), and
+//! `verify` exact on a copy of the bucket.
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,6 +22,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 /// `moto_server` on a free port with one bucket, killed when dropped.
 struct Moto {
     child: Child,
+    port: u16,
     endpoint: String,
 }
 
@@ -39,6 +41,7 @@ impl Moto {
             });
         let moto = Moto {
             child,
+            port,
             endpoint: format!("http://127.0.0.1:{port}"),
         };
         // Moto may accept connections before it serves them: retry CreateBucket (one plain,
@@ -229,16 +232,19 @@ impl S3Scenario {
         verify_s3_eventually(&self.store, prefix, &self.copy, &self.manifest, timeout)
     }
 
-    /// Temporary objects of writer w0 in the last copy.
-    fn stray_tmp(&self) -> usize {
+    /// Temporary objects of writer w0 under `prefix`, in a fresh copy of the bucket. Call it
+    /// once the pipeline has stopped: a running commit has temporary objects, of course.
+    fn stray_tmp(&self, prefix: &str) -> usize {
+        mirror(&self.store, prefix, &self.copy);
         std::fs::read_dir(self.copy.join("_sensorlake/tmp/w0"))
             .map(|d| d.count())
             .unwrap_or(0)
     }
 }
 
-/// SIGKILLs at seeded random moments while readings stream in and while the backlog drains,
-/// each followed by a restart, then `verify` must be exact: nothing lost, nothing twice, every
+/// A crash at each named point of the commit protocol, then SIGKILLs at seeded random moments
+/// while readings stream in and while the backlog drains, each followed by a restart, then
+/// `verify` must be exact: nothing lost, nothing twice, every
 /// file opens, no temporary object left. `SENSORLAKE_TEST_KILLS` (default 8),
 /// `SENSORLAKE_TEST_READINGS` (default 50,000) and `SENSORLAKE_TEST_SEED` scale it up by
 /// hand; the seed is in every failure message.
@@ -256,6 +262,32 @@ fn a_lake_on_s3_survives_sigkills_at_random_moments_and_ends_exact() {
 
     let mut p = sc.pipeline("kills", &env);
     let mut sim = sc.simulate(300, sent_target, seed, &["--rate", "10000"]);
+    // Once at each named point of the commit protocol: a build with the `failpoints` feature
+    // aborts there (as abruptly as SIGKILL) the first time a commit with files reaches it.
+    for step in sensorlake_sink::failpoint::STEPS {
+        p.kill9();
+        let mut armed = env.to_vec();
+        armed.push(("SENSORLAKE_FAILPOINT", step));
+        p = sc.pipeline("kills", &armed);
+        let status = p.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| {
+            panic!(
+                "seed {seed}: sensorlake did not crash at failpoint {step} within 30 s. Was it \
+                 built without the `failpoints` feature? Run `cargo test --features failpoints` \
+                 (scripts/test does)"
+            )
+        });
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "seed {seed}: expected an abort at failpoint {step}, got {status}"
+        );
+        assert!(
+            p.log_text().contains(&format!("failpoint {step} reached")),
+            "seed {seed}: {step}"
+        );
+        p = sc.pipeline("kills", &env);
+    }
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(100 + rng.below(1400)));
         p.kill9();
@@ -278,11 +310,14 @@ fn a_lake_on_s3_survives_sigkills_at_random_moments_and_ends_exact() {
         "seed {seed}: after {kills} SIGKILLs the S3 lake holds every reading once:\n{report}"
     );
     assert_eq!(
-        sc.stray_tmp(),
+        sc.stray_tmp("kills"),
         0,
         "seed {seed}: temporary objects left behind"
     );
-    eprintln!("seed {seed}: {kills} SIGKILLs, {sent} readings, exact");
+    eprintln!(
+        "seed {seed}: a crash at each of {:?}, {kills} SIGKILLs, {sent} readings, exact",
+        sensorlake_sink::failpoint::STEPS
+    );
 }
 
 #[test]
@@ -312,5 +347,316 @@ fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
         exact,
         "after a SIGKILL the S3 lake holds every reading once:\n{report}"
     );
-    assert_eq!(sc.stray_tmp(), 0, "no temporary objects are left behind");
+    assert_eq!(
+        sc.stray_tmp("site-a/lake"),
+        0,
+        "no temporary objects are left behind"
+    );
+}
+
+/// What the fault proxy does to each request.
+#[derive(Debug, Default)]
+struct Faults {
+    /// Percent of requests answered 503 SlowDown without reaching the store.
+    fail_pct: std::sync::atomic::AtomicU64,
+    /// Percent of requests the store executes whose response is then lost (the connection
+    /// drops): the client cannot know whether they took effect.
+    lost_pct: std::sync::atomic::AtomicU64,
+    /// The store is unreachable: every connection is closed at once, or answered 503.
+    down: std::sync::atomic::AtomicBool,
+    rng: std::sync::Mutex<u64>,
+    forwarded: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    lost: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+/// An HTTP proxy between sensorlake and moto that injects what no emulator does: throttling
+/// and 5xx answers, lost responses and outages, by a seed. It sits below the client's retries
+/// (sensorlake only sees a different `AWS_ENDPOINT_URL`), so it tests the real retry path.
+/// One request per connection (`Connection: close`), which the S3 client handles as any
+/// server closing idle connections.
+struct FaultProxy {
+    port: u16,
+    faults: Arc<Faults>,
+}
+
+impl FaultProxy {
+    fn start(upstream_port: u16, seed: u64) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(Faults {
+            rng: std::sync::Mutex::new(seed.max(1)),
+            ..Faults::default()
+        });
+        let f = faults.clone();
+        // Lives as long as the test process; the listener goes with it.
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    let _ = Self::serve(conn, upstream_port, &f);
+                });
+            }
+        });
+        FaultProxy { port, faults }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn roll(f: &Faults) -> u64 {
+        let mut r = f.rng.lock().unwrap();
+        *r ^= *r << 13;
+        *r ^= *r >> 7;
+        *r ^= *r << 17;
+        *r % 100
+    }
+
+    fn serve(mut client: TcpStream, upstream_port: u16, f: &Faults) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        // The request head, then its body by Content-Length (the S3 client sends no chunked
+        // bodies; a request that does fails loudly below).
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = client.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut length = 0usize;
+        let mut lines = Vec::new();
+        for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            assert!(
+                !lower.starts_with("transfer-encoding"),
+                "the fault proxy handles Content-Length bodies only: {line}"
+            );
+            if !lower.starts_with("connection:") {
+                lines.push(line.to_owned());
+            }
+        }
+        while buf.len() < head_end + length {
+            let n = client.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = &buf[head_end..head_end + length];
+
+        if f.down.load(Relaxed) {
+            f.refused.fetch_add(1, Relaxed);
+            // Half the time a dead connection, half the time the 503 of an overloaded front.
+            if Self::roll(f) < 50 {
+                return Ok(());
+            }
+            return Self::slow_down(&mut client);
+        }
+        let roll = Self::roll(f);
+        let fail = f.fail_pct.load(Relaxed);
+        if roll < fail {
+            f.failed.fetch_add(1, Relaxed);
+            return Self::slow_down(&mut client);
+        }
+        let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+        let mut request = lines.join("\r\n").into_bytes();
+        request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        request.extend_from_slice(body);
+        upstream.write_all(&request)?;
+        let mut response = Vec::new();
+        upstream.read_to_end(&mut response)?;
+        if roll < fail + f.lost_pct.load(Relaxed) {
+            f.lost.fetch_add(1, Relaxed);
+            // Executed by the store, never answered.
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
+        f.forwarded.fetch_add(1, Relaxed);
+        client.write_all(&response)
+    }
+
+    fn slow_down(client: &mut TcpStream) -> std::io::Result<()> {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>\
+                    <Message>Please reduce your request rate.</Message></Error>";
+        write!(
+            client,
+            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn counts(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "forwarded {}, failed {}, lost {}, refused {}",
+            self.faults.forwarded.load(Relaxed),
+            self.faults.failed.load(Relaxed),
+            self.faults.lost.load(Relaxed),
+            self.faults.refused.load(Relaxed)
+        )
+    }
+}
+
+/// Peak RSS the pipeline may reach with the test's flush settings (2,000 messages per flush,
+/// the default 8,192-message channel) whatever the store does: it holds at most one flush and
+/// the channel, however many readings wait at the broker.
+const RSS_BOUND: u64 = 160 << 20;
+
+/// Flushes small and often, so that many requests meet the faults.
+const FAULT_ENV: [(&str, &str); 2] = [
+    ("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"),
+    ("SENSORLAKE_FLUSH__MAX_MESSAGES", "2000"),
+];
+
+/// 20% of requests answered 503 SlowDown and 10% executed but never answered, seeded; the
+/// run must end exact, with nothing left in temporary names and memory bounded.
+#[test]
+fn a_lake_on_s3_ends_exact_with_30pct_of_requests_failing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let seed = env_u64("SENSORLAKE_TEST_SEED", 20261127);
+    let sc = S3Scenario::new();
+    let proxy = FaultProxy::start(sc.moto.port, seed);
+    proxy.faults.fail_pct.store(20, Relaxed);
+    proxy.faults.lost_pct.store(10, Relaxed);
+    let endpoint = proxy.endpoint();
+    let mut env = vec![("AWS_ENDPOINT_URL", endpoint.as_str())];
+    env.extend_from_slice(&FAULT_ENV);
+    let mut p = sc.pipeline("flaky", &env);
+
+    const SENT: u64 = 30_000;
+    let mut sim = sc.simulate(200, SENT, seed, &["--rate", "5000"]);
+    assert!(
+        sim.wait().unwrap().success(),
+        "seed {seed}: the simulator failed"
+    );
+    let (exact, report) = sc.verify_eventually("flaky", Duration::from_secs(180));
+    let peak = p.peak_rss();
+    let counts = proxy.counts();
+    let log = p.log_text();
+    let (failed_commits, reopened) = (
+        log.matches("Commit failed").count(),
+        log.matches("Lake reopened").count(),
+    );
+    assert!(
+        p.terminate().success(),
+        "seed {seed}: SIGTERM must exit 0:\n{log}"
+    );
+    assert!(
+        exact,
+        "seed {seed}: with 30% of requests failing ({counts}) the lake holds every reading once:\n{report}"
+    );
+    assert!(
+        proxy.faults.failed.load(Relaxed) >= 50 && proxy.faults.lost.load(Relaxed) >= 20,
+        "seed {seed}: too few faults injected to mean anything: {counts}"
+    );
+    assert_eq!(
+        sc.stray_tmp("flaky"),
+        0,
+        "seed {seed}: temporary objects left behind: {:?}\n{}",
+        walk_names(&sc.copy.join("_sensorlake/tmp")),
+        log.lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        peak < RSS_BOUND,
+        "seed {seed}: peak RSS {} MiB over the {} MiB bound",
+        peak >> 20,
+        RSS_BOUND >> 20
+    );
+    eprintln!(
+        "seed {seed}: 30% faults ({counts}; {failed_commits} commits failed and were retried, \
+         {reopened} reopened the lake), {SENT} readings exact, peak RSS {} MiB",
+        peak >> 20
+    );
+}
+
+/// The store is unreachable for a minute (`SENSORLAKE_TEST_OUTAGE_SECS`, default 60) while
+/// readings keep arriving: nothing is acknowledged, memory stays bounded, and once the store
+/// is back every reading lands exactly once.
+#[test]
+fn a_lake_on_s3_rides_out_a_store_outage_with_bounded_memory() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let outage = Duration::from_secs(env_u64("SENSORLAKE_TEST_OUTAGE_SECS", 60));
+    let sc = S3Scenario::new();
+    let proxy = FaultProxy::start(sc.moto.port, 7);
+    let endpoint = proxy.endpoint();
+    let mut env = vec![("AWS_ENDPOINT_URL", endpoint.as_str())];
+    env.extend_from_slice(&FAULT_ENV);
+    let mut p = sc.pipeline("outage", &env);
+
+    // 2,000 readings a second: some before the outage, most during it, the rest after.
+    let sent = 2_000 * (outage.as_secs() + 10);
+    let mut sim = sc.simulate(300, sent, 41, &["--rate", "2000"]);
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.faults.down.store(true, Relaxed);
+    let before = mirror(&sc.store, "outage", &sc.copy);
+    std::thread::sleep(outage);
+    let during = mirror(&sc.store, "outage", &sc.copy);
+    let peak_during = p.peak_rss();
+    proxy.faults.down.store(false, Relaxed);
+    assert!(sim.wait().unwrap().success(), "the simulator failed");
+    assert_eq!(manifest_messages(&sc.manifest), sent);
+
+    let (exact, report) = sc.verify_eventually("outage", Duration::from_secs(180));
+    let peak = p.peak_rss();
+    let counts = proxy.counts();
+    assert!(
+        p.terminate().success(),
+        "SIGTERM must exit 0:\n{}",
+        p.log_text()
+    );
+    assert_eq!(
+        before, during,
+        "nothing can be written while the store is down ({counts})"
+    );
+    assert!(
+        proxy.faults.refused.load(Relaxed) > 0,
+        "the pipeline kept trying during the outage: {counts}"
+    );
+    assert!(
+        exact,
+        "after a {outage:?} outage the lake holds every reading once:\n{report}"
+    );
+    assert_eq!(sc.stray_tmp("outage"), 0, "temporary objects left behind");
+    assert!(
+        peak < RSS_BOUND,
+        "peak RSS {} MiB (during the outage {} MiB) over the {} MiB bound",
+        peak >> 20,
+        peak_during >> 20,
+        RSS_BOUND >> 20
+    );
+    eprintln!(
+        "{outage:?} outage ({counts}): {sent} readings exact, peak RSS {} MiB (during the outage {} MiB)",
+        peak >> 20,
+        peak_during >> 20
+    );
+}
+
+/// Every file under `dir`, relative to it.
+fn walk_names(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
 }

@@ -70,6 +70,7 @@ use sensorlake_core::{DeviceCheckpoint, FlushCounts, TelemetrySchema};
 use serde::Serialize;
 
 use crate::encode::{self, writer_properties};
+use crate::failpoint;
 use crate::layout;
 use crate::local::{LocalStore, PutError};
 use crate::object::ObjectStorage;
@@ -122,6 +123,9 @@ impl CommitSummary {
 pub struct Recovered {
     /// The writer's last commit, `None` for a new writer.
     pub last_commit: Option<u64>,
+    /// What the last commit wrote: tells a caller whose commit ended in
+    /// [`SinkError::Poisoned`] whether (and what) it committed after all.
+    pub last_summary: Option<CommitSummary>,
     /// The device checkpoints folded over all the writer's commit records, later commits
     /// winning per device: what the transform's de-duplication starts from.
     pub devices: BTreeMap<String, DeviceCheckpoint>,
@@ -444,7 +448,7 @@ impl Lake {
             }
             State::Pending(pending) => {
                 let commit = pending.record.commit;
-                if let Err(e) = self.publish(&pending.record) {
+                if let Err(e) = self.publish(&pending.record, false) {
                     self.state = State::Pending(pending);
                     return Err(SinkError::NotVisible {
                         commit,
@@ -493,6 +497,9 @@ impl Lake {
             }
         };
         drop(planned);
+        if !files.is_empty() {
+            failpoint::hit("files_written");
+        }
         let record = CommitRecord {
             version: COMMIT_RECORD_VERSION,
             writer: self.writer.to_string(),
@@ -543,9 +550,12 @@ impl Lake {
         if stop == Some(CommitStep::RecordWritten) {
             return Ok(summary);
         }
+        if !record.files.is_empty() {
+            failpoint::hit("record_written");
+        }
 
         // (4) Publish.
-        if let Err(e) = self.publish(&record) {
+        if let Err(e) = self.publish(&record, true) {
             tracing::warn!(writer = %self.writer, commit, error = %e, "Commit is durable but publishing its files failed; the next commit retries");
             self.state = State::Pending(Box::new(Pending {
                 record,
@@ -558,6 +568,9 @@ impl Lake {
         }
         if stop == Some(CommitStep::FilesVisible) {
             return Ok(summary);
+        }
+        if !record.files.is_empty() {
+            failpoint::hit("files_visible");
         }
 
         // (5) Clean up.
@@ -627,8 +640,9 @@ impl Lake {
     }
 
     /// Step 4, idempotent: renames every file of `record` whose final name does not exist yet,
-    /// then fsyncs the destination folders. Returns how many files it renamed.
-    fn publish(&self, record: &CommitRecord) -> Result<usize, SinkError> {
+    /// then fsyncs the destination folders. Returns how many files it renamed. `in_commit`:
+    /// called by the commit itself (not recovery), where the crash point between renames is.
+    fn publish(&self, record: &CommitRecord, in_commit: bool) -> Result<usize, SinkError> {
         let mut dirs = BTreeSet::new();
         let mut renamed = 0;
         for file in &record.files {
@@ -651,6 +665,9 @@ impl Lake {
             }
             self.store.rename(&file.tmp_path, &file.path)?;
             renamed += 1;
+            if in_commit && renamed == 1 {
+                failpoint::hit("one_file_visible");
+            }
         }
         for dir in dirs {
             self.store.sync_dir(dir)?;
@@ -680,12 +697,13 @@ impl Lake {
         }
         if let Some(last) = &last {
             recovered.last_commit = Some(last.commit);
+            recovered.last_summary = Some(CommitSummary::of(last));
             recovered.sources = match &last.sources {
                 serde_json::Value::Null => Vec::new(),
                 serde_json::Value::Array(items) => items.clone(),
                 other => vec![other.clone()],
             };
-            recovered.files_made_visible = self.publish(last)?;
+            recovered.files_made_visible = self.publish(last, false)?;
             self.next_commit =
                 last.commit
                     .checked_add(1)

@@ -22,6 +22,8 @@
 
 mod encode;
 mod error;
+#[doc(hidden)]
+pub mod failpoint;
 pub mod lake;
 mod layout;
 mod local;

@@ -107,10 +107,6 @@ pub enum PipelineError {
         #[source]
         source: SinkError,
     },
-    /// The lake cannot tell whether the last commit is durable; restart so that recovery
-    /// decides. Nothing uncommitted was acknowledged.
-    #[error("stopping so that recovery can run at the next start: {0}")]
-    LakeNeedsRecovery(#[source] SinkError),
     /// A transform or blocking task panicked (a bug).
     #[error("internal task failed: {0}")]
     Internal(String),
@@ -159,6 +155,38 @@ struct Stages {
     summary: RunSummary,
     shutdown: CancellationToken,
     shutdown_timeout: Duration,
+    /// How to open the lake again when it must recover in-process.
+    reopen: LakeSpec,
+}
+
+/// Everything [`Lake::open`] needs.
+#[derive(Clone)]
+struct LakeSpec {
+    path: std::path::PathBuf,
+    writer: String,
+    options: sensorlake_sink::LakeOptions,
+    schema: Arc<TelemetrySchema>,
+}
+
+impl LakeSpec {
+    fn of(config: &Config, schema: Arc<TelemetrySchema>) -> Self {
+        Self {
+            path: config.lake.path.clone(),
+            writer: config.lake.writer_id.clone(),
+            options: config.lake.options(),
+            schema,
+        }
+    }
+
+    async fn open(&self) -> Result<(Lake, sensorlake_sink::Recovered), PipelineError> {
+        let spec = self.clone();
+        tokio::task::spawn_blocking(move || {
+            Lake::open(&spec.path, &spec.writer, spec.schema, spec.options)
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))?
+        .map_err(PipelineError::OpenLake)
+    }
 }
 
 fn now_ms() -> i64 {
@@ -190,7 +218,8 @@ pub async fn run(
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))??,
     );
-    let (lake, recovered) = open_lake(&config, schema.clone()).await?;
+    let reopen = LakeSpec::of(&config, schema.clone());
+    let (lake, recovered) = reopen.open().await?;
     info!(
         lake = %config.lake.path.display(),
         writer = %config.lake.writer_id,
@@ -224,6 +253,7 @@ pub async fn run(
         summary: RunSummary::default(),
         shutdown: shutdown.clone(),
         shutdown_timeout: Duration::from_secs(config.shutdown.timeout_secs),
+        reopen,
     };
     let _ = stats.source.set(source.acker().events().clone());
     let mut pending = Pending::new();
@@ -299,19 +329,6 @@ pub async fn run(
     Ok(stages.summary)
 }
 
-async fn open_lake(
-    config: &Config,
-    schema: Arc<TelemetrySchema>,
-) -> Result<(Lake, sensorlake_sink::Recovered), PipelineError> {
-    let path = config.lake.path.clone();
-    let writer = config.lake.writer_id.clone();
-    let options = config.lake.options();
-    tokio::task::spawn_blocking(move || Lake::open(&path, &writer, schema, options))
-        .await
-        .map_err(|e| PipelineError::Internal(e.to_string()))?
-        .map_err(PipelineError::OpenLake)
-}
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -320,6 +337,39 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Stages {
+    /// Drops the lake and opens it again, retrying until recovery has run. Returns the
+    /// summary of commit `commit` if recovery found it in the lake (the flush is committed),
+    /// `None` if not (the caller commits the same flush again).
+    async fn reopen_lake(
+        &mut self,
+        commit: u64,
+        backoff: &mut Backoff,
+    ) -> Result<Option<sensorlake_sink::CommitSummary>, PipelineError> {
+        self.lake = None;
+        loop {
+            match self.reopen.open().await {
+                Ok((lake, recovered)) => {
+                    self.lake = Some(lake);
+                    let committed = recovered.last_commit.is_some_and(|c| c >= commit);
+                    info!(
+                        commit,
+                        committed, "Lake reopened after an unknown commit outcome"
+                    );
+                    return Ok(recovered.last_summary.filter(|_| committed));
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    error!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                           "Reopening the lake failed; nothing of this batch is acknowledged, retrying");
+                    if self.shutdown.is_cancelled() {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// Transforms, commits and acknowledges everything pending.
     async fn flush(
         &mut self,
@@ -423,11 +473,16 @@ impl Stages {
             self.lake = Some(lake);
             match result {
                 Ok(summary) => return Ok(summary),
-                // Whether this commit is durable cannot be known without reopening the lake:
-                // stop, unacknowledged; the restart's recovery decides from what is on disk.
-                Err(e @ SinkError::Poisoned { .. }) => {
+                // Whether this commit is durable cannot be known without reopening the lake
+                // (a lost response to the commit record's put, say): reopen it, and let
+                // recovery decide from what is in storage. Nothing is acknowledged meanwhile.
+                Err(SinkError::Poisoned { commit, cause }) => {
                     metrics::counter!("sensorlake_commit_errors_total").increment(1);
-                    return Err(PipelineError::LakeNeedsRecovery(e));
+                    warn!(commit, cause = %cause,
+                          "Commit outcome unknown; reopening the lake so that recovery decides");
+                    if let Some(summary) = self.reopen_lake(commit, &mut backoff).await? {
+                        return Ok(summary);
+                    }
                 }
                 Err(e) => {
                     metrics::counter!("sensorlake_commit_errors_total").increment(1);

@@ -264,6 +264,21 @@ impl Pipeline {
         }
     }
 
+    /// Waits up to `timeout` for the process to end by itself; its exit status, or `None` if
+    /// it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let c = self.child.as_mut().expect("the pipeline is running");
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(s) = c.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
