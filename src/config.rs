@@ -73,6 +73,11 @@ pub struct LakeConfig {
     /// fsync files and directories before they become visible. Only tests turn this off.
     #[serde(default = "default_true")]
     pub fsync: bool,
+    /// How long commits may keep failing (storage down, disk full) before the process gives
+    /// up and exits with status 1, leaving everything uncommitted unacknowledged for the next
+    /// start. 0 (the default): keep retrying for as long as it takes, logging every attempt.
+    #[serde(default)]
+    pub retry_budget_secs: u64,
 }
 
 fn default_lake_path() -> PathBuf {
@@ -103,6 +108,7 @@ impl Default for LakeConfig {
             row_group_rows: default_row_group_rows(),
             zstd_level: default_zstd_level(),
             fsync: true,
+            retry_budget_secs: 0,
         }
     }
 }

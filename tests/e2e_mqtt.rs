@@ -500,3 +500,31 @@ fn a_full_disk_acknowledges_nothing_names_the_cause_and_recovers_when_space_retu
     assert!(p.terminate().success());
     drop(disk);
 }
+
+#[test]
+fn with_a_retry_budget_a_lake_that_keeps_failing_ends_the_process_with_status_1() {
+    let sc = Scenario::new();
+    let mut p = sc.pipeline(
+        "pipeline",
+        &[],
+        &[
+            ("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"),
+            ("SENSORLAKE_LAKE__RETRY_BUDGET_SECS", "2"),
+        ],
+    );
+    // Break the lake as in the test above: every commit fails before its commit point.
+    let tmp = sc.lake.join("_sensorlake/tmp/w0");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::write(&tmp, b"not a folder").unwrap();
+    simulate(&sc.broker.url(), 20, 2_000, 0.0, 23, &sc.manifest);
+    let status = p
+        .wait_exit(Duration::from_secs(60))
+        .expect("the process gives up once the budget is spent");
+    let log = p.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("longer than lake.retry_budget_secs"),
+        "the log says why it stopped:\n{log}"
+    );
+    assert_eq!(committed_readings(&sc.lake), 0);
+}

@@ -96,9 +96,10 @@ pub enum PipelineError {
     /// The MQTT source configuration is invalid.
     #[error("invalid MQTT settings: {0}")]
     Source(#[from] sensorlake_ingest::mqtt::config::ConfigError),
-    /// Commits kept failing until the shutdown deadline; nothing uncommitted was acknowledged.
+    /// Commits kept failing until the shutdown deadline or past `lake.retry_budget_secs`;
+    /// nothing uncommitted was acknowledged.
     #[error(
-        "gave up committing after {attempts} attempts at shutdown; the unacknowledged messages stay with the broker: {source}"
+        "gave up committing after {attempts} attempts; the unacknowledged messages stay with the broker: {source}"
     )]
     CommitGaveUp {
         /// Attempts made.
@@ -155,6 +156,8 @@ struct Stages {
     summary: RunSummary,
     shutdown: CancellationToken,
     shutdown_timeout: Duration,
+    /// `lake.retry_budget_secs`: how long commits may keep failing before the process exits.
+    retry_budget: Option<Duration>,
     /// How to open the lake again when it must recover in-process.
     reopen: LakeSpec,
 }
@@ -253,6 +256,8 @@ pub async fn run(
         summary: RunSummary::default(),
         shutdown: shutdown.clone(),
         shutdown_timeout: Duration::from_secs(config.shutdown.timeout_secs),
+        retry_budget: (config.lake.retry_budget_secs > 0)
+            .then(|| Duration::from_secs(config.lake.retry_budget_secs)),
         reopen,
     };
     let _ = stats.source.set(source.acker().events().clone());
@@ -450,6 +455,7 @@ impl Stages {
     ) -> Result<sensorlake_sink::CommitSummary, PipelineError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut gave_up_at: Option<Instant> = None;
+        let mut failing_since: Option<Instant> = None;
         loop {
             let mut lake = self
                 .lake
@@ -495,6 +501,16 @@ impl Stages {
                     } else {
                         error!(error = %e, attempt, retry_in_ms,
                                "Commit failed; nothing of this batch is acknowledged, retrying");
+                    }
+                    let failing_for = failing_since.get_or_insert_with(Instant::now).elapsed();
+                    if let Some(budget) = self.retry_budget.filter(|b| failing_for >= *b) {
+                        error!(error = %e, attempts = backoff.attempts(), budget_secs = budget.as_secs(),
+                               "Commits have failed for longer than lake.retry_budget_secs; exiting with status 1. \
+                                Nothing uncommitted was acknowledged: the broker keeps it for the next start");
+                        return Err(PipelineError::CommitGaveUp {
+                            attempts: backoff.attempts(),
+                            source: e,
+                        });
                     }
                     if self.shutdown.is_cancelled() {
                         let since = *gave_up_at.get_or_insert_with(Instant::now);
