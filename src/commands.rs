@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +47,8 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Check that a lake holds exactly what a simulator manifest says was sent.
     Verify(VerifyArgs),
+    /// Merge the small files of closed partitions into large files sorted by device and time.
+    Compact(CompactArgs),
     /// Embedded broker + pipeline + simulator + verify, with no setup at all.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
@@ -136,7 +138,7 @@ pub struct SimulateArgs {
 /// `sensorlake verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The lake folder.
+    /// The lake: a folder, file:// or s3://bucket/prefix URL (AWS_* environment as for `run`).
     #[arg(long)]
     pub lake: PathBuf,
     /// The manifest written by `sensorlake simulate`.
@@ -146,6 +148,33 @@ pub struct VerifyArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sensorlake compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The lake: a folder, file:// or s3://bucket/prefix URL (overrides lake.path; AWS_*
+    /// environment as for `run`).
+    #[arg(long)]
+    pub lake: Option<PathBuf>,
+    /// Configuration: its device types make the schema files must have, its [lake] settings
+    /// (zstd_level, row_group_rows, fsync) how outputs are written.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Compact a partition only once its hour (telemetry) or day (dead letters) ended this
+    /// long ago, e.g. 30m, 2h, 1d.
+    #[arg(long, default_value = "2h", value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Merge files smaller than this into files of about this size, e.g. 64MiB, 1GiB.
+    #[arg(long, default_value = "128MiB", value_parser = parse_size)]
+    pub target_size: u64,
+    /// The most compressed input one merge holds in memory; a bigger partition is merged in
+    /// groups of this size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub merge_memory: u64,
+    /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -224,7 +253,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(a) => run(a).await,
         Command::Simulate(a) => simulate(a).await,
-        Command::Verify(a) => verify(a),
+        // Blocking (file or object-store reads on the sink's own runtime): off the async side.
+        Command::Verify(a) => tokio::task::spawn_blocking(move || verify(a)).await?,
+        // Blocking file and object-store I/O and CPU work: off the async side.
+        Command::Compact(a) => tokio::task::spawn_blocking(move || compact(a)).await?,
         #[cfg(feature = "demo")]
         Command::Demo(a) => crate::demo::run(a).await,
         Command::Bench(a) => crate::bench::run(a).await,
@@ -300,7 +332,7 @@ pub fn spawn_signal_handler(token: CancellationToken) {
     });
 }
 
-/// Parses `500ms`, `30s`, `5m`, `2h` or plain seconds.
+/// Parses `500ms`, `30s`, `5m`, `2h`, `1d` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -308,18 +340,73 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_or((s, "s"), |i| (&s[..i], &s[i..]));
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 5m or 2h"))?;
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 5m, 2h or 1d"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+        "d" => n * 86_400.0,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a size: plain bytes, or a number with `B`, `KiB`, `MiB`, `GiB`, `TiB` (powers of
+/// 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000), e.g. `64MiB`, `1.5GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 64MiB, 1GiB or 500MB"))?;
+    let factor: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            ));
+        }
+    };
+    let bytes = n * factor as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}` is not a size of at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `1.5 MiB`-style text for a byte count.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// A progress bar on a terminal, periodic log lines elsewhere.
@@ -463,7 +550,9 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let schema = config.validate()?;
     let manifest = Manifest::read(&a.manifest)
         .with_context(|| format!("failed to read the manifest {}", a.manifest.display()))?;
-    let report = sensorlake_simulator::verify(&a.lake, &manifest, &schema)
+    let reader = sensorlake_sink::LakeReader::open(&a.lake)
+        .with_context(|| format!("failed to open the lake {}", a.lake.display()))?;
+    let report = sensorlake_simulator::verify_source(&VerifySource(reader), &manifest, &schema)
         .with_context(|| format!("failed to verify the lake {}", a.lake.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -475,6 +564,137 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `verify` reads through the sink, so that it sees any lake `run` can write (a folder, s3://).
+struct VerifySource(sensorlake_sink::LakeReader);
+
+impl sensorlake_simulator::LakeSource for VerifySource {
+    fn parquet_files(&self, table: &str) -> Result<Vec<PathBuf>, sensorlake_simulator::SimError> {
+        let table = match table {
+            "telemetry" => sensorlake_sink::Table::Telemetry,
+            _ => sensorlake_sink::Table::DeadLetter,
+        };
+        let files = self
+            .0
+            .files(table)
+            .map_err(|e| sensorlake_simulator::SimError::ReadDir {
+                path: self.0.full_name(table.dir()),
+                source: std::io::Error::other(e),
+            })?;
+        // Full names, for messages; `read` takes them back apart.
+        Ok(files.iter().map(|rel| self.0.full_name(rel)).collect())
+    }
+
+    fn read(&self, file: &Path) -> Result<bytes::Bytes, sensorlake_simulator::SimError> {
+        let rel = file
+            .strip_prefix(self.0.root())
+            .unwrap_or(file)
+            .to_string_lossy();
+        self.0.read(&rel).map(bytes::Bytes::from).map_err(|e| {
+            sensorlake_simulator::SimError::ReadParquet {
+                path: self.0.full_name(&rel),
+                source: Box::new(e),
+            }
+        })
+    }
+}
+
+fn compact(a: CompactArgs) -> anyhow::Result<ExitCode> {
+    use sensorlake_sink::SinkError;
+    let mut config = load_config(a.config.as_deref())?;
+    if let Some(lake) = a.lake {
+        config.lake.path = lake;
+    }
+    let schema = Arc::new(config.validate()?);
+    let lake = config.lake.path.clone();
+    let opts = sensorlake_sink::CompactOptions {
+        older_than: a.older_than,
+        target_size_bytes: a.target_size,
+        merge_memory_bytes: a.merge_memory,
+    };
+    info!(
+        lake = %lake.display(),
+        older_than = ?opts.older_than,
+        target_size = %format_bytes(opts.target_size_bytes),
+        "Compacting the lake"
+    );
+    let summary = match sensorlake_sink::compact(&lake, schema, &config.lake.options(), &opts) {
+        Ok(summary) => summary,
+        // Nothing to retry: the command line or configuration must change.
+        Err(e @ (SinkError::InvalidLake { .. } | SinkError::InvalidOptions { .. })) => {
+            bail!(UsageError(e.to_string()))
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("failed to compact the lake {}", lake.display())));
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_compact_summary(&summary, &opts);
+    }
+    if summary.skipped.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "error: {} partition(s) skipped because a file cannot be read; repair or move the named file(s) away and run compact again",
+            summary.skipped.len()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn print_compact_summary(
+    summary: &sensorlake_sink::CompactSummary,
+    opts: &sensorlake_sink::CompactOptions,
+) {
+    let r = &summary.recovered;
+    if let Some(n) = r.finished {
+        println!(
+            "recovery: finished interrupted compaction {n} ({} outputs renamed, {} inputs deleted)",
+            r.outputs_renamed, r.inputs_deleted
+        );
+    }
+    if r.tmp_files_removed > 0 {
+        println!(
+            "recovery: removed {} temporary files of a compaction that never committed",
+            r.tmp_files_removed
+        );
+    }
+    for p in &summary.partitions {
+        println!(
+            "{}: {} files -> {}, {} rows, {} -> {} (compaction {})",
+            p.partition,
+            p.files_in,
+            p.files_out,
+            p.rows,
+            format_bytes(p.bytes_in),
+            format_bytes(p.bytes_out),
+            p.compaction
+        );
+    }
+    for s in &summary.skipped {
+        println!("{}: skipped: {}", s.partition, s.reason);
+    }
+    if summary.partitions.is_empty() {
+        println!(
+            "nothing to compact: no partition closed for {:?} has two or more files under {}",
+            opts.older_than,
+            format_bytes(opts.target_size_bytes)
+        );
+    } else {
+        println!(
+            "compacted {} partitions: {} files -> {}, {} rows, {} -> {}",
+            summary.partitions.len(),
+            summary.files_in(),
+            summary.files_out(),
+            summary.rows(),
+            format_bytes(summary.bytes_in()),
+            format_bytes(summary.bytes_out())
+        );
+    }
 }
 
 fn config_check(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -503,8 +723,30 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn parses_sizes_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size(" 64 MiB ").unwrap(), 64 << 20);
+        for bad in ["", "MiB", "12 parsecs", "0", "-5MiB", "1e3", "1..2MiB"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(err.contains(bad.trim()), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn formats_byte_counts_in_binary_units() {
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(128 << 20), "128.0 MiB");
     }
 
     #[test]

@@ -70,6 +70,22 @@ impl Moto {
         moto
     }
 
+    /// The multipart uploads open in `bucket` (ListMultipartUploads, unsigned: moto does not
+    /// check signatures).
+    fn open_uploads(&self, bucket: &str) -> usize {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "GET /{bucket}?uploads HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        reply.matches("<Upload>").count()
+    }
+
     /// The environment that points sensorlake (and the AWS CLI) at this server.
     fn env(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -314,6 +330,11 @@ fn a_lake_on_s3_survives_sigkills_at_random_moments_and_ends_exact() {
         0,
         "seed {seed}: temporary objects left behind"
     );
+    assert_eq!(
+        sc.moto.open_uploads(S3Scenario::BUCKET),
+        0,
+        "seed {seed}: multipart uploads left open"
+    );
     eprintln!(
         "seed {seed}: a crash at each of {:?}, {kills} SIGKILLs, {sent} readings, exact",
         sensorlake_sink::failpoint::STEPS
@@ -346,6 +367,25 @@ fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
     assert!(
         exact,
         "after a SIGKILL the S3 lake holds every reading once:\n{report}"
+    );
+
+    // `verify` reads the bucket itself, configured like `run` by the AWS variables.
+    let lake = format!("s3://{}/site-a/lake", S3Scenario::BUCKET);
+    let out = bin()
+        .args(["verify", "--lake", &lake, "--manifest"])
+        .arg(&sc.manifest)
+        .envs(sc.moto.env())
+        .output()
+        .unwrap();
+    let direct = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "verify --lake {lake} exits 0 on an exact lake:\n{direct}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains(direct.trim()),
+        "verify on s3:// reports what it reports on a copy:\n{direct}\nvs\n{report}"
     );
     assert_eq!(
         sc.stray_tmp("site-a/lake"),
@@ -631,6 +671,11 @@ fn a_lake_on_s3_rides_out_a_store_outage_with_bounded_memory() {
         "after a {outage:?} outage the lake holds every reading once:\n{report}"
     );
     assert_eq!(sc.stray_tmp("outage"), 0, "temporary objects left behind");
+    assert_eq!(
+        sc.moto.open_uploads(S3Scenario::BUCKET),
+        0,
+        "multipart uploads left open"
+    );
     assert!(
         peak < RSS_BOUND,
         "peak RSS {} MiB (during the outage {} MiB) over the {} MiB bound",

@@ -25,4 +25,4 @@ pub use error::SimError;
 pub use fleet::{BadKind, BadReading, Device, Expect, Fleet, FleetSpec, Message};
 pub use manifest::{DeviceManifest, Manifest, ManifestBuilder};
 pub use publish::{SimStats, SimulateOptions, simulate, simulate_until};
-pub use verify::{VerifyReport, verify};
+pub use verify::{LakeSource, LocalLake, VerifyReport, verify, verify_source};

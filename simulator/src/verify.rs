@@ -2,7 +2,9 @@
 //!
 //! Reads every finished Parquet file under `<lake>/telemetry/` and `<lake>/dead_letter/`
 //! (recursively; names starting with `.` or `_` are skipped, they are unfinished or internal,
-//! and `<lake>/_sensorlake/` is never read) and checks the promises of the pipeline:
+//! and `<lake>/_sensorlake/` is never read) — from a folder, or from wherever a
+//! [`LakeSource`] reads (the binary passes one for `s3://` lakes) — and checks the promises
+//! of the pipeline:
 //!
 //! - every valid reading of the manifest is in the telemetry table exactly once, and nothing
 //!   else is (no rows for seqs or devices that were not sent as valid);
@@ -24,13 +26,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMicrosecondType, UInt64Type};
+use bytes::Bytes;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sensorlake_core::TelemetrySchema;
@@ -238,7 +240,58 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-/// Checks the lake at `lake` against `manifest`. See the [module docs](self).
+/// Where `verify` reads a lake's finished Parquet files from: a folder ([`LocalLake`]) or,
+/// implemented by the caller, an object store.
+pub trait LakeSource {
+    /// The finished Parquet files of a table (`telemetry` or `dead_letter`), sorted, as names
+    /// that [`LakeSource::read`] takes and messages show. None when the table is absent.
+    ///
+    /// # Errors
+    /// When the table cannot be listed.
+    fn parquet_files(&self, table: &str) -> Result<Vec<PathBuf>, SimError>;
+
+    /// The bytes of one of those files.
+    ///
+    /// # Errors
+    /// When the file cannot be read.
+    fn read(&self, file: &Path) -> Result<Bytes, SimError>;
+}
+
+/// A lake in a local folder.
+#[derive(Debug, Clone)]
+pub struct LocalLake(PathBuf);
+
+impl LocalLake {
+    /// The lake at `root`, which must be a folder.
+    ///
+    /// # Errors
+    /// [`SimError::LakeNotFound`] when it is not.
+    pub fn new(root: &Path) -> Result<Self, SimError> {
+        if !root.is_dir() {
+            return Err(SimError::LakeNotFound {
+                path: root.to_path_buf(),
+            });
+        }
+        Ok(LocalLake(root.to_path_buf()))
+    }
+}
+
+impl LakeSource for LocalLake {
+    fn parquet_files(&self, table: &str) -> Result<Vec<PathBuf>, SimError> {
+        parquet_files(&self.0.join(table))
+    }
+
+    fn read(&self, file: &Path) -> Result<Bytes, SimError> {
+        std::fs::read(file)
+            .map(Bytes::from)
+            .map_err(|e| SimError::ReadParquet {
+                path: file.to_path_buf(),
+                source: Box::new(e),
+            })
+    }
+}
+
+/// Checks the lake at `lake` (a folder) against `manifest`. See the [module docs](self).
 ///
 /// ```no_run
 /// use std::path::Path;
@@ -262,21 +315,29 @@ pub fn verify(
     schema: &TelemetrySchema,
 ) -> Result<VerifyReport, SimError> {
     manifest.check_consistency()?;
-    if !lake.is_dir() {
-        return Err(SimError::LakeNotFound {
-            path: lake.to_path_buf(),
-        });
-    }
+    verify_source(&LocalLake::new(lake)?, manifest, schema)
+}
+
+/// [`verify`] for a lake anywhere a [`LakeSource`] reads from.
+///
+/// # Errors
+/// As [`verify`], with the source's own errors.
+pub fn verify_source(
+    lake: &dyn LakeSource,
+    manifest: &Manifest,
+    schema: &TelemetrySchema,
+) -> Result<VerifyReport, SimError> {
+    manifest.check_consistency()?;
     let mut check = Check::new(manifest, schema)?;
     let mut report = VerifyReport::default();
 
-    for path in parquet_files(&lake.join(TELEMETRY_DIR))? {
-        let rows = check.read_telemetry(&path)?;
+    for path in lake.parquet_files(TELEMETRY_DIR)? {
+        let rows = check.read_telemetry(&path, lake.read(&path)?)?;
         report.telemetry.files += 1;
         report.telemetry.rows += rows;
     }
-    for path in parquet_files(&lake.join(DEAD_LETTER_DIR))? {
-        let rows = check.read_dead_letters(&path)?;
+    for path in lake.parquet_files(DEAD_LETTER_DIR)? {
+        let rows = check.read_dead_letters(&path, lake.read(&path)?)?;
         report.dead_letters.files += 1;
         report.dead_letters.rows += rows;
     }
@@ -449,7 +510,7 @@ impl<'m> Check<'m> {
         })
     }
 
-    fn read_telemetry(&mut self, path: &Path) -> Result<u64, SimError> {
+    fn read_telemetry(&mut self, path: &Path, bytes: Bytes) -> Result<u64, SimError> {
         let metric_names: Vec<&str> = self
             .schema
             .metric_columns()
@@ -469,7 +530,7 @@ impl<'m> Check<'m> {
             columns::TS,
             columns::SEQ,
         ];
-        read_parquet(path, "telemetry", &wanted, &required, |batch| {
+        read_parquet(path, bytes, "telemetry", &wanted, &required, |batch| {
             let col = Columns {
                 batch,
                 path,
@@ -561,7 +622,7 @@ impl<'m> Check<'m> {
         })
     }
 
-    fn read_dead_letters(&mut self, path: &Path) -> Result<u64, SimError> {
+    fn read_dead_letters(&mut self, path: &Path, bytes: Bytes) -> Result<u64, SimError> {
         let wanted = [
             columns::REASON,
             columns::PAYLOAD,
@@ -569,7 +630,7 @@ impl<'m> Check<'m> {
             columns::DL_SEQ,
         ];
         let required = [columns::REASON, columns::PAYLOAD];
-        read_parquet(path, "dead-letter", &wanted, &required, |batch| {
+        read_parquet(path, bytes, "dead-letter", &wanted, &required, |batch| {
             let col = Columns {
                 batch,
                 path,
@@ -783,10 +844,11 @@ impl Columns<'_> {
     }
 }
 
-/// Reads `path` in batches of the `wanted` columns (those present), calling `each` per batch;
-/// returns the number of rows.
+/// Reads `bytes` (the file `path`) in batches of the `wanted` columns (those present), calling
+/// `each` per batch; returns the number of rows.
 fn read_parquet(
     path: &Path,
+    bytes: Bytes,
     table: &'static str,
     wanted: &[&str],
     required: &[&str],
@@ -796,8 +858,7 @@ fn read_parquet(
         path: path.to_path_buf(),
         source: e,
     };
-    let file = File::open(path).map_err(|e| fail(Box::new(e)))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| fail(Box::new(e)))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| fail(Box::new(e)))?;
     for name in required {
         if builder.schema().field_with_name(name).is_err() {
             return Err(SimError::BadColumn {

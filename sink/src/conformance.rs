@@ -20,10 +20,10 @@ use tempfile::TempDir;
 use crate::lake::Failpoint;
 use crate::object::{ObjectStorage, PART_BYTES};
 use crate::test_util::{HOUR_US, T0, TestFlush, fast_options, list_files};
-use crate::{CommitStep, Lake, Recovered, SinkError};
+use crate::{CommitStep, Lake, LakeOptions, Recovered, SinkError};
 
 /// `moto_server` on a free port, killed when dropped.
-struct Moto(Child);
+pub(crate) struct Moto(Child);
 
 impl Drop for Moto {
     fn drop(&mut self) {
@@ -75,8 +75,21 @@ fn start_moto(bucket: &str) -> (Moto, String) {
     (moto, format!("http://127.0.0.1:{port}"))
 }
 
+/// A client for `bucket` on the moto server at `endpoint`.
+fn moto_s3(endpoint: &str, bucket: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .unwrap()
+}
+
 /// Where a scenario's lake lives, with ways to look at it from outside the lake.
-enum Backend {
+pub(crate) enum Backend {
     Local(TempDir),
     Object {
         store: Arc<dyn ObjectStore>,
@@ -87,31 +100,23 @@ enum Backend {
     },
 }
 
-struct Fx {
-    backend: Backend,
-    schema: Arc<TelemetrySchema>,
+pub(crate) struct Fx {
+    pub(crate) backend: Backend,
+    pub(crate) schema: Arc<TelemetrySchema>,
 }
 
 impl Fx {
-    fn local() -> Self {
+    pub(crate) fn local() -> Self {
         Self::with(Backend::Local(tempfile::tempdir().unwrap()))
     }
 
-    fn memory() -> Self {
+    pub(crate) fn memory() -> Self {
         Self::object(Arc::new(InMemory::new()), "", "memory://lake", None)
     }
 
-    fn moto() -> Self {
+    pub(crate) fn moto() -> Self {
         let (moto, endpoint) = start_moto("lake");
-        let s3 = object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&endpoint)
-            .with_allow_http(true)
-            .with_bucket_name("lake")
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .unwrap();
+        let s3 = moto_s3(&endpoint, "lake");
         Self::object(
             Arc::new(s3),
             "some/prefix",
@@ -147,10 +152,16 @@ impl Fx {
     }
 
     fn try_open(&self, writer: &str) -> Result<(Lake, Recovered), SinkError> {
+        self.try_open_with(writer, fast_options())
+    }
+
+    pub(crate) fn try_open_with(
+        &self,
+        writer: &str,
+        options: LakeOptions,
+    ) -> Result<(Lake, Recovered), SinkError> {
         match &self.backend {
-            Backend::Local(dir) => {
-                Lake::open(dir.path(), writer, self.schema.clone(), fast_options())
-            }
+            Backend::Local(dir) => Lake::open(dir.path(), writer, self.schema.clone(), options),
             Backend::Object {
                 store, prefix, url, ..
             } => Lake::open_object_store(
@@ -159,17 +170,17 @@ impl Fx {
                 url,
                 writer,
                 self.schema.clone(),
-                fast_options(),
+                options,
             ),
         }
     }
 
-    fn open(&self, writer: &str) -> (Lake, Recovered) {
+    pub(crate) fn open(&self, writer: &str) -> (Lake, Recovered) {
         self.try_open(writer).unwrap()
     }
 
     /// Every file or object below `dir` of the lake, relative to the lake root, sorted.
-    fn files(&self, dir: &str) -> Vec<String> {
+    pub(crate) fn files(&self, dir: &str) -> Vec<String> {
         match &self.backend {
             Backend::Local(root) => list_files(&root.path().join(dir))
                 .into_iter()
@@ -203,7 +214,7 @@ impl Fx {
         }
     }
 
-    fn read(&self, rel: &str) -> Bytes {
+    pub(crate) fn read(&self, rel: &str) -> Bytes {
         match &self.backend {
             Backend::Local(root) => std::fs::read(root.path().join(rel)).unwrap().into(),
             Backend::Object {
@@ -221,7 +232,7 @@ impl Fx {
     }
 
     /// Visible table files.
-    fn visible(&self) -> Vec<String> {
+    pub(crate) fn visible(&self) -> Vec<String> {
         let mut files = self.files("telemetry");
         files.extend(self.files("dead_letter"));
         files.sort();
@@ -229,7 +240,7 @@ impl Fx {
     }
 
     /// Rows in every visible telemetry file (each must open).
-    fn telemetry_rows(&self) -> usize {
+    pub(crate) fn telemetry_rows(&self) -> usize {
         self.files("telemetry")
             .iter()
             .flat_map(|f| {
@@ -242,7 +253,7 @@ impl Fx {
             .sum()
     }
 
-    fn flush(&self, rows: &[(&str, i64, u64)], dead: &[i64]) -> TestFlush {
+    pub(crate) fn flush(&self, rows: &[(&str, i64, u64)], dead: &[i64]) -> TestFlush {
         TestFlush::new(&self.schema, rows, dead)
     }
 }
@@ -371,6 +382,8 @@ macro_rules! on_every_store {
     };
 }
 
+pub(crate) use on_every_store;
+
 on_every_store!(
     commits_and_reads_back,
     a_crash_before_the_commit_point_leaves_nothing,
@@ -394,6 +407,51 @@ fn a_file_over_one_part_is_uploaded_in_parts_and_reads_back_whole() {
     assert_eq!(w.finish().unwrap(), data.len() as u64);
     assert_eq!(storage.read("big.bin").unwrap(), data);
     assert_eq!(storage.list("").unwrap(), ["big.bin"]);
+}
+
+/// The multipart uploads moto holds open in `bucket` (ListMultipartUploads, unsigned: moto
+/// does not check signatures).
+fn open_uploads(endpoint: &str, bucket: &str) -> usize {
+    let addr = endpoint.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /{bucket}?uploads HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply.matches("<Upload>").count()
+}
+
+/// A crash in the middle of a multipart upload (the writer is leaked: no abort, as after
+/// SIGKILL) leaves an open upload on S3, recorded next to the temporary object; removing the
+/// temporary folder, as cleanup and recovery do, aborts it. A finished upload leaves neither
+/// an open upload nor its record.
+#[test]
+fn an_upload_left_open_by_a_crash_is_aborted_by_cleanup() {
+    let (_moto, endpoint) = start_moto("lake");
+    let s3 = Arc::new(moto_s3(&endpoint, "lake"));
+    let storage = ObjectStorage::with_multipart(s3.clone(), Some(s3), "p", "s3://lake/p").unwrap();
+    let part = vec![7u8; PART_BYTES + 1];
+
+    let mut done = storage.create("tmp/w0/1/0.parquet");
+    done.write_all(&part).unwrap();
+    done.write_all(&part).unwrap();
+    assert_eq!(done.finish().unwrap(), 2 * part.len() as u64);
+    assert_eq!(open_uploads(&endpoint, "lake"), 0);
+    assert_eq!(storage.list("tmp/w0/1").unwrap(), ["0.parquet"]);
+
+    let mut crashed = storage.create("tmp/w0/2/0.parquet");
+    crashed.write_all(&part).unwrap();
+    std::mem::forget(crashed);
+    assert_eq!(open_uploads(&endpoint, "lake"), 1, "the crash left it open");
+    assert_eq!(storage.list("tmp/w0/2").unwrap(), ["0.parquet.upload"]);
+
+    storage.remove_all("tmp/w0/2").unwrap();
+    assert_eq!(open_uploads(&endpoint, "lake"), 0, "cleanup aborted it");
+    assert!(storage.list("tmp/w0/2").unwrap().is_empty());
 }
 
 /// Commits `flush` as commit number `number`, whatever the store does: retries what failed,

@@ -143,6 +143,40 @@ pub enum SinkError {
         source: Box<SinkError>,
     },
 
+    /// Another compaction holds the lake's compactor lease: locally a file lock, released
+    /// when that process ends; on an object store an object that a killed compaction leaves
+    /// behind. `why` says which, and what to do.
+    #[error("cannot compact: the compactor lease {} is held; {why}", lease.display())]
+    CompactionLocked {
+        /// The lock file or lease object.
+        lease: PathBuf,
+        /// Who holds it, as far as known, and what to do.
+        why: String,
+    },
+
+    /// A Parquet file that compaction was to merge cannot be read (damaged, or not Parquet).
+    /// The file and its partition are left as they are.
+    #[error("failed to read Parquet file {}: {source}", path.display())]
+    ReadParquet {
+        /// The file.
+        path: PathBuf,
+        /// The Parquet reader's error.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    /// The last compaction record cannot be finished without losing or doubling rows: one of
+    /// its outputs exists under neither its final nor its temporary name (deleted by hand, or
+    /// lost by the storage). Nothing more is changed and compaction refuses to run until a
+    /// human resolves it; `why` says what is where and what to do.
+    #[error("compaction record {} cannot be finished: {why}", record.display())]
+    CompactionBroken {
+        /// The compaction record.
+        record: PathBuf,
+        /// What is missing, what is still there, and what to do.
+        why: String,
+    },
+
     /// Writing the commit record failed in a way that leaves its durability unknown (the record
     /// was renamed into place but fsyncing its directory failed). The lake accepts no more
     /// commits; drop it and open the lake again (restart), and recovery decides from what is on

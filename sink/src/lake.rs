@@ -72,7 +72,7 @@ use serde::Serialize;
 use crate::encode::{self, writer_properties};
 use crate::failpoint;
 use crate::layout;
-use crate::local::{LocalStore, PutError};
+use crate::local::PutError;
 use crate::object::ObjectStorage;
 use crate::partition::{self, PlannedFile};
 use crate::record::{self, COMMIT_RECORD_VERSION, CommitRecord, CommittedFile, FileEntry, Table};
@@ -277,30 +277,8 @@ impl Lake {
         schema: Arc<TelemetrySchema>,
         options: LakeOptions,
     ) -> Result<(Lake, Recovered), SinkError> {
-        let store = match root.to_str().and_then(|r| r.split_once("://")) {
-            Some(("file", path)) => Self::local(Path::new(path), &options)?,
-            Some(("s3" | "s3a", rest)) => {
-                let url = root.to_string_lossy();
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|e| SinkError::InvalidLake {
-                        url: url.to_string(),
-                        why: e.to_string(),
-                    })?;
-                Store::Object(ObjectStorage::new(Arc::new(s3), prefix, &url)?)
-            }
-            Some((scheme, _)) => {
-                return Err(SinkError::InvalidLake {
-                    url: root.to_string_lossy().into_owned(),
-                    why: format!(
-                        "`{scheme}://` lakes are not supported; use a local path, file:// or s3://"
-                    ),
-                });
-            }
-            None => Self::local(root, &options)?,
-        };
+        let store = Store::from_url(root, &options)?;
+        store.create_root()?;
         Self::open_in(store, writer_id, schema, options)
     }
 
@@ -319,11 +297,6 @@ impl Lake {
     ) -> Result<(Lake, Recovered), SinkError> {
         let store = Store::Object(ObjectStorage::new(store, prefix, url)?);
         Self::open_in(store, writer_id, schema, options)
-    }
-
-    fn local(root: &Path, options: &LakeOptions) -> Result<Store, SinkError> {
-        std::fs::create_dir_all(root).map_err(|e| SinkError::io("create directory", root, e))?;
-        Ok(Store::Local(LocalStore::new(root, options.fsync)))
     }
 
     fn open_in(
@@ -717,17 +690,9 @@ impl Lake {
 
         // Temporary folders: flushes that never reached their commit point (and the emptied
         // folder of the last commit).
-        let tmp_dir = layout::tmp_writer_dir(&self.writer);
-        for name in self.store.list(&tmp_dir)? {
-            let rel = format!("{tmp_dir}/{name}");
-            recovered.files_removed += self
-                .store
-                .list(&rel)?
-                .iter()
-                .filter(|f| f.ends_with(".parquet"))
-                .count();
-            self.store.remove_all(&rel)?;
-        }
+        recovered.files_removed += self
+            .store
+            .clear_subfolders(&layout::tmp_writer_dir(&self.writer))?;
         // Commit records that never got their final name.
         let commits_dir = layout::commits_dir(&self.writer);
         for name in self.store.list(&commits_dir)? {

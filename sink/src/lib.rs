@@ -10,16 +10,21 @@
 //! through one internal enum (`store`): `local` (`std::fs`, fsync and rename) or `object`
 //! (`object_store`: conditional puts, multipart uploads, copy then delete, on a runtime of its
 //! own). The protocol in [`lake`] is written once against it, and `conformance` runs one suite
-//! of scenarios on a folder, an in-memory store and `moto_server`'s S3.
+//! of scenarios on a folder, an in-memory store and `moto_server`'s S3. [`compact`] merges the
+//! small files of closed partitions with a protocol of the same shape.
 //!
 //! ```text
 //! <lake>/telemetry/date=YYYY-MM-DD/hour=HH/part-<writer>-<commit:010>-<n:04>.parquet
+//! <lake>/telemetry/date=YYYY-MM-DD/hour=HH/compact-<compaction:010>-<k:04>.parquet
 //! <lake>/dead_letter/date=YYYY-MM-DD/part-<writer>-<commit:010>-<n:04>.parquet
 //! <lake>/_sensorlake/commits/<writer>/<commit:020>.json
 //! <lake>/_sensorlake/tmp/<writer>/<commit:020>/<n>.parquet
 //! <lake>/_sensorlake/locks/<writer>.lock
+//! <lake>/_sensorlake/compactions/<compaction:020>.json
+//! <lake>/_sensorlake/compactions/tmp/<compaction:020>/<k>.parquet
 //! ```
 
+pub mod compact;
 mod encode;
 mod error;
 #[doc(hidden)]
@@ -30,10 +35,13 @@ mod local;
 mod object;
 mod options;
 mod partition;
+mod reader;
 mod record;
 mod store;
 mod writer_id;
 
+#[cfg(test)]
+mod compact_tests;
 #[cfg(test)]
 mod conformance;
 #[cfg(test)]
@@ -44,6 +52,12 @@ mod test_util;
 mod tests;
 
 #[doc(hidden)]
+pub use compact::CompactStep;
+pub use compact::{
+    CompactOptions, CompactRecovered, CompactSummary, CompactedPartition, CompactionRecord,
+    Compactor, SkippedPartition, compact, compact_object_store,
+};
+#[doc(hidden)]
 pub use encode::encode_flush_discarding;
 pub use encode::encode_parquet;
 pub use error::SinkError;
@@ -51,6 +65,7 @@ pub use error::SinkError;
 pub use lake::CommitStep;
 pub use lake::{CommitSummary, Flush, Lake, Recovered};
 pub use options::LakeOptions;
+pub use reader::LakeReader;
 pub use record::{
     COMMIT_RECORD_VERSION, CommitRecord, CommittedFile, FileEntry, Table, read_commit_records,
 };

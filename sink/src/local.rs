@@ -142,15 +142,8 @@ impl LocalStore {
     /// The names in folder `rel`, sorted; empty when there is no folder `rel`.
     pub(crate) fn list(&self, rel: &str) -> Result<Vec<String>, SinkError> {
         let path = self.abs(rel);
-        let entries = match fs::read_dir(&path) {
-            Ok(entries) => entries,
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(SinkError::io("list", path, e)),
-        };
         let mut names = Vec::new();
-        for entry in entries {
+        for entry in read_dir_or_none(&path)? {
             let entry = entry.map_err(|e| SinkError::io("list", &path, e))?;
             // Names that are not UTF-8 were not made by the lake; they are skipped.
             if let Ok(name) = entry.file_name().into_string() {
@@ -159,6 +152,30 @@ impl LocalStore {
         }
         names.sort_unstable();
         Ok(names)
+    }
+
+    /// The files in folder `rel` with their sizes, sorted by name; sub-folders and names that
+    /// are not UTF-8 are left out, and a missing folder has no files.
+    pub(crate) fn list_sizes(&self, rel: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        let path = self.abs(rel);
+        let mut files = Vec::new();
+        for entry in read_dir_or_none(&path)? {
+            let entry = entry.map_err(|e| SinkError::io("list", &path, e))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Removed since it was listed.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(SinkError::io("inspect", entry.path(), e)),
+            };
+            if meta.is_file() {
+                files.push((name, meta.len()));
+            }
+        }
+        files.sort_unstable();
+        Ok(files)
     }
 
     /// The whole content of file `rel`.
@@ -256,5 +273,18 @@ impl Write for LocalWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// The entries of folder `path`; none when there is no such folder.
+fn read_dir_or_none(
+    path: &Path,
+) -> Result<impl Iterator<Item = std::io::Result<fs::DirEntry>>, SinkError> {
+    match fs::read_dir(path) {
+        Ok(entries) => Ok(Some(entries).into_iter().flatten()),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+            Ok(None.into_iter().flatten())
+        }
+        Err(e) => Err(SinkError::io("list", path, e)),
     }
 }

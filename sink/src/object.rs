@@ -3,7 +3,10 @@
 //! object semantics.
 //!
 //! - A new file is buffered up to [`PART_BYTES`] and sent with one PUT; a bigger one goes up
-//!   as a multipart upload, part by part, so memory never holds more than one part.
+//!   as a multipart upload, part by part, so memory never holds more than one part. On S3 the
+//!   upload's id is recorded in `<object>.upload` next to the temporary object before the
+//!   first part; removing a temporary folder (cleanup, recovery) aborts every upload recorded
+//!   in it, so a crash mid-upload leaves no open upload behind once the lake is reopened.
 //! - [`ObjectStorage::put_atomic`] is a conditional put (`If-None-Match: *`): two processes
 //!   writing as one writer id cannot both create a commit record; a record that already exists
 //!   with the same bytes (the client retried a request whose response was lost) counts as
@@ -23,8 +26,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
-use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    MultipartId, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 
 use crate::SinkError;
 use crate::local::PutError;
@@ -34,14 +40,28 @@ use crate::local::PutError;
 pub(crate) const PART_BYTES: usize = 8 << 20;
 
 /// A lake root on an object store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ObjectStorage {
     store: Arc<dyn ObjectStore>,
+    /// The same store's multipart API, when it has one (S3 does): uploads are then started
+    /// with an id we record, so that cleanup can abort one a crash left open.
+    multipart: Option<Arc<dyn MultipartStore>>,
     /// The lake's key prefix ("" for the bucket root).
     prefix: String,
     /// The root as people know it (`s3://bucket/prefix`), for messages.
     url: PathBuf,
     rt: Arc<Runtime>,
+}
+
+impl std::fmt::Debug for ObjectStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStorage")
+            .field("store", &self.store)
+            .field("tracked_uploads", &self.multipart.is_some())
+            .field("prefix", &self.prefix)
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The runtime requests run on. Dropped without waiting (`shutdown_background`), because the
@@ -70,6 +90,16 @@ impl ObjectStorage {
         prefix: &str,
         url: &str,
     ) -> Result<Self, SinkError> {
+        Self::with_multipart(store, None, prefix, url)
+    }
+
+    /// As [`ObjectStorage::new`], with the store's multipart API for tracked uploads.
+    pub(crate) fn with_multipart(
+        store: Arc<dyn ObjectStore>,
+        multipart: Option<Arc<dyn MultipartStore>>,
+        prefix: &str,
+        url: &str,
+    ) -> Result<Self, SinkError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("sensorlake-object-store")
@@ -78,6 +108,7 @@ impl ObjectStorage {
             .map_err(|e| SinkError::io("start the object store's runtime for", url, e))?;
         Ok(Self {
             store,
+            multipart,
             prefix: prefix.trim_matches('/').to_owned(),
             url: PathBuf::from(url.trim_end_matches('/')),
             rt: Arc::new(Runtime(Some(rt))),
@@ -199,6 +230,23 @@ impl ObjectStorage {
         Ok(names)
     }
 
+    /// The objects directly below `rel/` with their sizes, sorted by name ("folders" left
+    /// out).
+    pub(crate) fn list_sizes(&self, rel: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        let key = self.key(rel);
+        let listed = self
+            .rt
+            .block_on(self.store.list_with_delimiter(Some(&key)))
+            .map_err(|e| self.fail("list", rel, e))?;
+        let mut files: Vec<(String, u64)> = listed
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename().map(|name| (name.to_owned(), o.size)))
+            .collect();
+        files.sort_unstable();
+        Ok(files)
+    }
+
     /// The whole content of object `rel`.
     pub(crate) fn read(&self, rel: &str) -> Result<Vec<u8>, SinkError> {
         let key = self.key(rel);
@@ -216,6 +264,28 @@ impl ObjectStorage {
         }
     }
 
+    /// Deletes the objects `rels` (missing ones are not an error) in as few requests as the
+    /// store allows: S3 deletes up to 1,000 keys per request.
+    pub(crate) fn remove_files(&self, rels: &[&str]) -> Result<(), SinkError> {
+        use futures_util::StreamExt;
+        let keys: Vec<object_store::Result<Key>> = rels.iter().map(|r| Ok(self.key(r))).collect();
+        let results: Vec<object_store::Result<Key>> = self.rt.block_on(
+            self.store
+                .delete_stream(futures_util::stream::iter(keys).boxed())
+                .collect(),
+        );
+        for result in results {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    let rel = rels.first().copied().unwrap_or_default();
+                    return Err(self.fail("delete", rel, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes object `rel` and every object below `rel/`.
     pub(crate) fn remove_all(&self, rel: &str) -> Result<(), SinkError> {
         let key = self.key(rel);
@@ -228,6 +298,10 @@ impl ObjectStorage {
                     .try_collect(),
             )
             .map_err(|e| self.fail("list", rel, e))?;
+        // Uploads left open by a crash: abort them before their records go.
+        for location in below.iter().filter(|l| l.as_ref().ends_with(UPLOAD_SUFFIX)) {
+            self.abort_recorded_upload(location);
+        }
         for location in below {
             match self.rt.block_on(self.store.delete(&location)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -238,13 +312,53 @@ impl ObjectStorage {
     }
 }
 
+/// The suffix of the object that records an open multipart upload: `<object>.upload` holds
+/// the upload id of `<object>` while its parts go up.
+pub(crate) const UPLOAD_SUFFIX: &str = ".upload";
+
+impl ObjectStorage {
+    /// Aborts the multipart upload recorded in object `record` (best effort: one that was
+    /// completed or aborted already is gone, which is what we want).
+    fn abort_recorded_upload(&self, record: &Key) {
+        let Some(mp) = &self.multipart else { return };
+        let Some(target) = record.as_ref().strip_suffix(UPLOAD_SUFFIX) else {
+            return;
+        };
+        let id = match self
+            .rt
+            .block_on(async { self.store.get(record).await?.bytes().await })
+        {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(_) => return,
+        };
+        let target = Key::from(target);
+        match self.rt.block_on(mp.abort_multipart(&target, &id)) {
+            Ok(()) => {
+                tracing::info!(object = %target, "Aborted a multipart upload left open by a crash")
+            }
+            Err(e) => {
+                tracing::debug!(object = %target, error = %e, "Recorded multipart upload not aborted (probably finished)")
+            }
+        }
+    }
+}
+
+/// A multipart upload in progress.
+enum Upload {
+    /// Through the store's multipart API: the id is recorded in `<object>.upload`.
+    Tracked { id: MultipartId, parts: Vec<PartId> },
+    /// Through `put_multipart` (stores without the multipart API, e.g. test wrappers): aborted
+    /// on error, but one a crash leaves open cannot be found again.
+    Untracked(Box<dyn MultipartUpload>),
+}
+
 /// An object being written by [`ObjectStorage::create`]; counts its bytes.
 pub(crate) struct ObjectWriter {
     storage: ObjectStorage,
     rel: String,
     buf: Vec<u8>,
     /// Started once more than one part's worth has been written.
-    upload: Option<Box<dyn MultipartUpload>>,
+    upload: Option<Upload>,
     bytes: u64,
 }
 
@@ -259,25 +373,63 @@ impl std::fmt::Debug for ObjectWriter {
 }
 
 impl ObjectWriter {
+    fn record_key(&self) -> Key {
+        self.storage.key(&format!("{}{UPLOAD_SUFFIX}", self.rel))
+    }
+
+    /// Starts the multipart upload: with the multipart API, records its id first thing, so
+    /// that a crash from here on leaves something for cleanup to abort.
+    fn start_upload(&self) -> io::Result<Upload> {
+        let storage = &self.storage;
+        let key = storage.key(&self.rel);
+        let Some(mp) = &storage.multipart else {
+            return storage
+                .rt
+                .block_on(storage.store.put_multipart(&key))
+                .map(Upload::Untracked)
+                .map_err(io::Error::other);
+        };
+        let id = storage
+            .rt
+            .block_on(mp.create_multipart(&key))
+            .map_err(io::Error::other)?;
+        let recorded = storage.rt.block_on(storage.store.put(
+            &self.record_key(),
+            PutPayload::from(id.clone().into_bytes()),
+        ));
+        if let Err(e) = recorded {
+            let _ = storage.rt.block_on(mp.abort_multipart(&key, &id));
+            return Err(io::Error::other(e));
+        }
+        Ok(Upload::Tracked {
+            id,
+            parts: Vec::new(),
+        })
+    }
+
     /// Sends the buffered part of a multipart upload (starting the upload first if needed).
     fn send_part(&mut self) -> io::Result<()> {
         let part = PutPayload::from(std::mem::take(&mut self.buf));
+        if self.upload.is_none() {
+            self.upload = Some(self.start_upload()?);
+        }
         let storage = &self.storage;
         let key = storage.key(&self.rel);
-        let upload = match &mut self.upload {
-            Some(upload) => upload,
-            None => {
-                let started = storage
+        match self.upload.as_mut().expect("started above") {
+            Upload::Tracked { id, parts } => {
+                let mp = storage.multipart.as_ref().expect("tracked uploads have it");
+                let part = storage
                     .rt
-                    .block_on(storage.store.put_multipart(&key))
+                    .block_on(mp.put_part(&key, id, parts.len(), part))
                     .map_err(io::Error::other)?;
-                self.upload.insert(started)
+                parts.push(part);
+                Ok(())
             }
-        };
-        storage
-            .rt
-            .block_on(upload.put_part(part))
-            .map_err(io::Error::other)
+            Upload::Untracked(upload) => storage
+                .rt
+                .block_on(upload.put_part(part))
+                .map_err(io::Error::other),
+        }
     }
 
     /// Uploads what is left and makes the object visible; returns its size in bytes.
@@ -297,10 +449,29 @@ impl ObjectWriter {
         if !self.buf.is_empty() {
             self.send_part().map_err(|e| fail(&self.storage, e))?;
         }
-        let mut upload = self.upload.take().expect("checked above");
-        if let Err(e) = self.storage.rt.block_on(upload.complete()) {
-            let _ = self.storage.rt.block_on(upload.abort());
-            return Err(fail(&self.storage, io::Error::other(e)));
+        let key = self.storage.key(&rel);
+        let completed = match self.upload.as_mut().expect("checked above") {
+            Upload::Tracked { id, parts } => {
+                let mp = self
+                    .storage
+                    .multipart
+                    .as_ref()
+                    .expect("tracked uploads have it");
+                self.storage
+                    .rt
+                    .block_on(mp.complete_multipart(&key, id, std::mem::take(parts)))
+                    .map(|_| ())
+            }
+            Upload::Untracked(upload) => self.storage.rt.block_on(upload.complete()).map(|_| ()),
+        };
+        // On failure, dropping `self` aborts the upload.
+        completed.map_err(|e| fail(&self.storage, io::Error::other(e)))?;
+        if let Some(Upload::Tracked { .. }) = self.upload.take() {
+            // Best effort: a leftover record names a finished upload, which cleanup ignores.
+            let _ = self
+                .storage
+                .rt
+                .block_on(self.storage.store.delete(&self.record_key()));
         }
         Ok(self.bytes)
     }
@@ -326,8 +497,21 @@ impl Write for ObjectWriter {
 impl Drop for ObjectWriter {
     /// An upload abandoned on an error path is aborted, so no incomplete upload is left.
     fn drop(&mut self) {
-        if let Some(mut upload) = self.upload.take() {
-            let _ = self.storage.rt.block_on(upload.abort());
+        match self.upload.take() {
+            None => {}
+            Some(Upload::Untracked(mut upload)) => {
+                let _ = self.storage.rt.block_on(upload.abort());
+            }
+            Some(Upload::Tracked { id, .. }) => {
+                let key = self.storage.key(&self.rel);
+                if let Some(mp) = &self.storage.multipart {
+                    let _ = self.storage.rt.block_on(mp.abort_multipart(&key, &id));
+                }
+                let _ = self
+                    .storage
+                    .rt
+                    .block_on(self.storage.store.delete(&self.record_key()));
+            }
         }
     }
 }

@@ -122,10 +122,40 @@ pub(crate) fn plan_files(
 /// neighbours) and per-device scans cheap (the page index on `device_id` prunes). Device ids
 /// are ranked once per distinct id, so the sort compares integers, not strings; the gather is
 /// one copy of the flush's rows, small beside encoding them (BENCHMARKS.md).
-fn sorted_by_device(
+pub(crate) fn sorted_by_device(
     schema: &SchemaRef,
     parts: Vec<RecordBatch>,
 ) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+    let mut keys = ranked_keys(schema, &parts)?;
+    if keys.is_sorted() {
+        return Ok(parts);
+    }
+    keys.sort_unstable();
+    if let [batch] = parts.as_slice() {
+        // The common case, one batch per flush: `take` is faster than `interleave`.
+        let rows: Vec<u64> = keys.iter().map(|k| k.3 as u64).collect();
+        return Ok(vec![take_record_batch(batch, &UInt64Array::from(rows))?]);
+    }
+    let indices: Vec<(usize, usize)> = keys.iter().map(|k| (k.2, k.3)).collect();
+    let batches: Vec<&RecordBatch> = parts.iter().collect();
+    Ok(vec![interleave_record_batch(&batches, &indices)?])
+}
+
+/// Whether the rows of `parts` (batches of `schema`, which needs only the `device_id` and `ts`
+/// columns) are in `(device_id, ts)` order, read one batch after the other.
+pub(crate) fn is_sorted_by_device(
+    schema: &SchemaRef,
+    parts: &[RecordBatch],
+) -> Result<bool, arrow::error::ArrowError> {
+    Ok(ranked_keys(schema, parts)?.is_sorted())
+}
+
+/// The sort key of every row of `parts`: (rank of its device id among the distinct ids, ts,
+/// batch, row), in reading order.
+fn ranked_keys(
+    schema: &SchemaRef,
+    parts: &[RecordBatch],
+) -> Result<Vec<(usize, i64, usize, usize)>, arrow::error::ArrowError> {
     let column = |name: &str| {
         schema
             .index_of(name)
@@ -164,18 +194,7 @@ fn sorted_by_device(
     for key in &mut keys {
         key.0 = rank[key.0];
     }
-    if keys.is_sorted() {
-        return Ok(parts);
-    }
-    keys.sort_unstable();
-    if let [batch] = parts.as_slice() {
-        // The common case, one batch per flush: `take` is faster than `interleave`.
-        let rows: Vec<u64> = keys.iter().map(|k| k.3 as u64).collect();
-        return Ok(vec![take_record_batch(batch, &UInt64Array::from(rows))?]);
-    }
-    let indices: Vec<(usize, usize)> = keys.iter().map(|k| (k.2, k.3)).collect();
-    let batches: Vec<&RecordBatch> = parts.iter().collect();
-    Ok(vec![interleave_record_batch(&batches, &indices)?])
+    Ok(keys)
 }
 
 /// Adds the rows of `batch` to `groups` by their key (`keys[i]` is row `i`'s partition).

@@ -190,6 +190,28 @@ pub(crate) fn read_writer_records(
         .collect()
 }
 
+/// The last commit record of every writer in the lake, writers in name order (folders under
+/// `_sensorlake/commits/` that are not valid writer ids skipped, writers without a record left
+/// out). Reads one record per writer, whatever the number of commits.
+pub(crate) fn read_last_records(store: &Store) -> Result<Vec<CommitRecord>, SinkError> {
+    let mut last = Vec::new();
+    for name in store.list(layout::COMMITS_DIR)? {
+        if !writer_id::is_valid(&name) {
+            continue;
+        }
+        let writer = WriterId::try_new(&name)?;
+        let newest = store
+            .list(&layout::commits_dir(&writer))?
+            .iter()
+            .filter_map(|name| layout::parse_commit_record_name(name))
+            .max();
+        if let Some(commit) = newest {
+            last.push(read_record(store, &writer, commit)?);
+        }
+    }
+    Ok(last)
+}
+
 fn read_record(store: &Store, writer: &WriterId, commit: u64) -> Result<CommitRecord, SinkError> {
     let rel = layout::commit_record(writer, commit);
     let bytes = store.read(&rel)?;

@@ -5,10 +5,11 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::SinkError;
 use crate::local::{LocalStore, LocalWriter, PutError};
 use crate::object::{ObjectStorage, ObjectWriter};
+use crate::{LakeOptions, SinkError};
 
 /// A lake root.
 #[derive(Debug, Clone)]
@@ -33,6 +34,55 @@ pub(crate) enum WriterLock {
 }
 
 impl Store {
+    /// The store a lake location names: `s3://bucket/prefix` (or `s3a://`, configured by the
+    /// standard `AWS_*` environment variables), `file:///path`, or a plain path. Creates
+    /// nothing; see [`Store::create_root`].
+    ///
+    /// # Errors
+    /// [`SinkError::InvalidLake`] for another scheme, or an S3 configuration the environment
+    /// does not complete (no region, a bad endpoint).
+    pub(crate) fn from_url(root: &Path, options: &LakeOptions) -> Result<Store, SinkError> {
+        let local = |path: &Path| Store::Local(LocalStore::new(path, options.fsync));
+        match root.to_str().and_then(|r| r.split_once("://")) {
+            Some(("file", path)) => Ok(local(Path::new(path))),
+            Some(("s3" | "s3a", rest)) => {
+                let url = root.to_string_lossy();
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| SinkError::InvalidLake {
+                        url: url.to_string(),
+                        why: e.to_string(),
+                    })?;
+                let s3 = Arc::new(s3);
+                Ok(Store::Object(ObjectStorage::with_multipart(
+                    s3.clone(),
+                    Some(s3),
+                    prefix,
+                    &url,
+                )?))
+            }
+            Some((scheme, _)) => Err(SinkError::InvalidLake {
+                url: root.to_string_lossy().into_owned(),
+                why: format!(
+                    "`{scheme}://` lakes are not supported; use a local path, file:// or s3://"
+                ),
+            }),
+            None => Ok(local(root)),
+        }
+    }
+
+    /// Creates the lake's root folder (and its parents) if it is local; nothing on an object
+    /// store, where folders do not exist.
+    pub(crate) fn create_root(&self) -> Result<(), SinkError> {
+        match self {
+            Store::Local(s) => std::fs::create_dir_all(s.root())
+                .map_err(|e| SinkError::io("create directory", s.root(), e)),
+            Store::Object(_) => Ok(()),
+        }
+    }
+
     pub(crate) fn root(&self) -> &Path {
         match self {
             Store::Local(s) => s.root(),
@@ -96,6 +146,32 @@ impl Store {
         }
     }
 
+    /// The files directly below folder `rel` with their sizes in bytes, sorted by name
+    /// (sub-folders left out); empty when there is no such folder.
+    pub(crate) fn list_sizes(&self, rel: &str) -> Result<Vec<(String, u64)>, SinkError> {
+        match self {
+            Store::Local(s) => s.list_sizes(rel),
+            Store::Object(s) => s.list_sizes(rel),
+        }
+    }
+
+    /// Removes every folder directly below `rel` (temporary folders of unfinished work,
+    /// aborting any multipart upload recorded in them) and returns how many `.parquet` files
+    /// they held.
+    pub(crate) fn clear_subfolders(&self, rel: &str) -> Result<usize, SinkError> {
+        let mut parquet = 0;
+        for name in self.list(rel)? {
+            let sub = format!("{rel}/{name}");
+            parquet += self
+                .list(&sub)?
+                .iter()
+                .filter(|f| f.ends_with(".parquet"))
+                .count();
+            self.remove_all(&sub)?;
+        }
+        Ok(parquet)
+    }
+
     pub(crate) fn read(&self, rel: &str) -> Result<Vec<u8>, SinkError> {
         match self {
             Store::Local(s) => s.read(rel),
@@ -107,6 +183,14 @@ impl Store {
         match self {
             Store::Local(s) => s.remove_file(rel),
             Store::Object(s) => s.remove_file(rel),
+        }
+    }
+
+    /// Deletes the files `rels`, missing ones included; on an object store in bulk requests.
+    pub(crate) fn remove_files(&self, rels: &[&str]) -> Result<(), SinkError> {
+        match self {
+            Store::Local(s) => rels.iter().try_for_each(|rel| s.remove_file(rel)),
+            Store::Object(s) => s.remove_files(rels),
         }
     }
 

@@ -3,7 +3,7 @@
 //! `TelemetrySchema::v1_default()` in the lake layout; each test then breaks one thing.
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::fs::{self, File};
 
 use arrow::array::{
     BinaryArray, Float64Array, StringArray, TimestampMicrosecondArray, UInt64Array,
