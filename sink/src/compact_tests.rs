@@ -493,7 +493,7 @@ fn plant(fx: &Fx, dir: &str, name: &str, batch: &RecordBatch) {
     crate::encode_parquet(
         file,
         batch.schema_ref(),
-        &[batch.clone()],
+        std::slice::from_ref(batch),
         &LakeOptions::default(),
     )
     .unwrap();

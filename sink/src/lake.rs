@@ -56,7 +56,12 @@
 //! finishes (or is finished by recovery) before the next one starts.
 //!
 //! The device checkpoints and counts of all the writer's records are folded into
-//! [`Recovered`], and the next commit number is the last one plus one.
+//! [`Recovered`], and the next commit number is the last one plus one. So that start-up does
+//! not read every record a long-running writer ever wrote, the writer snapshots the folded
+//! state after every 1,000th commit (`_sensorlake/snapshots/<w>/<c:020>.json`, best effort);
+//! recovery starts from the newest readable snapshot and reads only the records after it
+//! (plus the one it ends at). Listing the writer's records is still proportional to their
+//! number, one name each.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -166,10 +171,27 @@ pub struct Lake {
     props: WriterProperties,
     next_commit: u64,
     state: State,
+    /// Device checkpoints and counts folded over every commit so far, for snapshots.
+    folded: Folded,
     /// Held for the lake's lifetime; dropping it releases the writer lock.
     _lock: WriterLock,
     #[cfg(test)]
     failpoint: Option<Failpoint>,
+}
+
+/// A writer's state folded over its commits: what a snapshot holds.
+#[derive(Debug, Default)]
+struct Folded {
+    devices: BTreeMap<String, DeviceCheckpoint>,
+    totals: FlushCounts,
+}
+
+impl Folded {
+    fn add(&mut self, flush: &Flush<'_>) {
+        self.totals.add(flush.counts);
+        self.devices
+            .extend(flush.devices.iter().map(|(k, v)| (k.clone(), *v)));
+    }
 }
 
 /// Whether the lake can take the next flush as it is.
@@ -236,8 +258,8 @@ impl Lake {
     /// Opens (creating if needed) the lake at `root` for `writer_id`: takes the writer lock,
     /// then runs recovery (see the [module docs](crate::lake#recovery)).
     ///
-    /// Recovery reads every commit record of the writer, so its cost grows with the number of
-    /// commits (O(commits)); a periodic snapshot of the folded state would bound it.
+    /// Recovery reads the writer's newest snapshot and at most 1,000 commit records after it
+    /// (it lists every record's name).
     ///
     /// # Errors
     /// - [`SinkError::InvalidWriterId`], [`SinkError::InvalidOptions`] for bad arguments;
@@ -331,6 +353,7 @@ impl Lake {
             props,
             next_commit: 0,
             state: State::Ready,
+            folded: Folded::default(),
             _lock: lock,
             #[cfg(test)]
             failpoint: None,
@@ -520,6 +543,7 @@ impl Lake {
             }
         }
         self.next_commit = commit + 1;
+        self.folded.add(flush);
         if stop == Some(CommitStep::RecordWritten) {
             return Ok(summary);
         }
@@ -548,6 +572,9 @@ impl Lake {
 
         // (5) Clean up.
         self.remove_tmp_commit_dir(commit);
+        if (commit + 1).is_multiple_of(record::SNAPSHOT_EVERY) {
+            self.write_snapshot(commit);
+        }
         tracing::debug!(
             writer = %self.writer,
             commit,
@@ -648,6 +675,39 @@ impl Lake {
         Ok(renamed)
     }
 
+    /// Writes the snapshot of commits `0..=commit`, best effort: without it recovery reads
+    /// more records, nothing else.
+    fn write_snapshot(&self, commit: u64) {
+        let snapshot = record::Snapshot {
+            version: COMMIT_RECORD_VERSION,
+            writer: self.writer.to_string(),
+            commit,
+            devices: self.folded.devices.clone(),
+            totals: self.folded.totals.clone(),
+        };
+        let json = serde_json::to_vec(&snapshot)
+            .expect("a snapshot always serializes: string map keys, derived impls only");
+        let dir = layout::snapshots_dir(&self.writer);
+        let written = self
+            .store
+            .create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                match self
+                    .store
+                    .put_atomic(&layout::snapshot(&self.writer, commit), &json)
+                {
+                    Ok(()) => Ok(()),
+                    Err(PutError::NotWritten(e) | PutError::Unknown(e)) => Err(e.to_string()),
+                }
+            });
+        match written {
+            Ok(()) => tracing::debug!(writer = %self.writer, commit, "Wrote a recovery snapshot"),
+            Err(e) => tracing::warn!(writer = %self.writer, commit, error = %e,
+                                     "Could not write a recovery snapshot; recovery will read more records"),
+        }
+    }
+
     /// Step 5, best effort: the folder is inside `_sensorlake/tmp/`, where a leftover harms no
     /// reader, and recovery removes it at the next open.
     fn remove_tmp_commit_dir(&self, commit: u64) {
@@ -663,11 +723,31 @@ impl Lake {
     fn recover(&mut self) -> Result<Recovered, SinkError> {
         let mut recovered = Recovered::default();
         let mut last: Option<CommitRecord> = None;
-        for mut record in record::read_writer_records(&self.store, &self.writer)? {
-            recovered.totals.add(&record.counts);
-            recovered.devices.append(&mut record.devices);
+        // The newest snapshot spares reading the records it folds; the record it ends at is
+        // still read, as the last one may need publishing.
+        let newest = record::numbers_in(&self.store, &layout::commits_dir(&self.writer))?
+            .last()
+            .copied();
+        let snapshot = newest.and_then(|n| record::read_snapshot(&self.store, &self.writer, n));
+        let from = match &snapshot {
+            Some(s) => {
+                recovered.devices = s.devices.clone();
+                recovered.totals = s.totals.clone();
+                s.commit
+            }
+            None => 0,
+        };
+        for mut record in record::read_writer_records_from(&self.store, &self.writer, from)? {
+            if snapshot.as_ref().is_none_or(|s| record.commit > s.commit) {
+                recovered.totals.add(&record.counts);
+                recovered.devices.append(&mut record.devices);
+            }
             last = Some(record);
         }
+        self.folded = Folded {
+            devices: recovered.devices.clone(),
+            totals: recovered.totals.clone(),
+        };
         if let Some(last) = &last {
             recovered.last_commit = Some(last.commit);
             recovered.last_summary = Some(CommitSummary::of(last));

@@ -52,6 +52,18 @@ pub(crate) fn parse_commit_record_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// `_sensorlake/snapshots/<writer>`
+pub(crate) fn snapshots_dir(w: &WriterId) -> String {
+    format!("{META_DIR}/snapshots/{w}")
+}
+
+/// `_sensorlake/snapshots/<writer>/<commit:020>.json`: the writer's folded state (device
+/// checkpoints, counts) up to and including that commit, so recovery need not read every
+/// record. The same name pattern as commit records.
+pub(crate) fn snapshot(w: &WriterId, commit: u64) -> String {
+    format!("{META_DIR}/snapshots/{w}/{commit:020}.json")
+}
+
 /// `_sensorlake/tmp/<writer>`
 pub(crate) fn tmp_writer_dir(w: &WriterId) -> String {
     format!("{META_DIR}/tmp/{w}")

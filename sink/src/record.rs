@@ -172,6 +172,74 @@ impl CommitRecord {
     }
 }
 
+/// A writer's state folded over its commits `0..=commit`: written every
+/// [`SNAPSHOT_EVERY`] commits so that recovery reads the latest snapshot and only the records
+/// after it, however long the writer has been running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Snapshot {
+    pub version: u32,
+    pub writer: String,
+    /// The last commit folded in.
+    pub commit: u64,
+    /// Device checkpoints, later commits winning per device.
+    pub devices: BTreeMap<String, DeviceCheckpoint>,
+    /// The counts of commits `0..=commit`, summed.
+    pub totals: FlushCounts,
+}
+
+/// A snapshot is written after every this many commits.
+pub(crate) const SNAPSHOT_EVERY: u64 = if cfg!(test) { 4 } else { 1_000 };
+
+/// The commit numbers of `writer`'s records (or, with `dir` = its snapshots folder, of its
+/// snapshots), sorted.
+pub(crate) fn numbers_in(store: &Store, dir: &str) -> Result<Vec<u64>, SinkError> {
+    let mut numbered: Vec<u64> = store
+        .list(dir)?
+        .iter()
+        .filter_map(|name| layout::parse_commit_record_name(name))
+        .collect();
+    numbered.sort_unstable();
+    Ok(numbered)
+}
+
+/// The newest snapshot of `writer` at or below commit `at_most` that reads back whole and
+/// agrees with its name; `None` if there is none (a damaged one is skipped with a warning:
+/// the records it summarises are still there).
+pub(crate) fn read_snapshot(store: &Store, writer: &WriterId, at_most: u64) -> Option<Snapshot> {
+    let numbers = numbers_in(store, &layout::snapshots_dir(writer)).ok()?;
+    for commit in numbers.into_iter().rev().filter(|c| *c <= at_most) {
+        let rel = layout::snapshot(writer, commit);
+        let parsed = store
+            .read(&rel)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Snapshot>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(s) if s.commit == commit && s.writer == writer.as_str() => return Some(s),
+            Ok(_) => {
+                tracing::warn!(path = %store.abs(&rel).display(), "Snapshot does not match its name; ignored")
+            }
+            Err(e) => {
+                tracing::warn!(path = %store.abs(&rel).display(), error = %e, "Unreadable snapshot; ignored")
+            }
+        }
+    }
+    None
+}
+
+/// Reads the commit records of `writer` numbered `from` and above, in commit order, checking
+/// each.
+pub(crate) fn read_writer_records_from(
+    store: &Store,
+    writer: &WriterId,
+    from: u64,
+) -> Result<Vec<CommitRecord>, SinkError> {
+    numbers_in(store, &layout::commits_dir(writer))?
+        .into_iter()
+        .filter(|c| *c >= from)
+        .map(|commit| read_record(store, writer, commit))
+        .collect()
+}
+
 /// Reads every commit record of `writer`, in commit order, checking each.
 pub(crate) fn read_writer_records(
     store: &Store,
