@@ -74,7 +74,7 @@ pub struct RunArgs {
     /// MQTT protocol version (overrides mqtt.protocol).
     #[arg(long, value_enum)]
     pub protocol: Option<ProtocolArg>,
-    /// Lake folder, file:// or s3://bucket/prefix URL (overrides lake.path).
+    /// Lake folder, or file://, s3://, az:// or gs:// URL (overrides lake.path).
     #[arg(long)]
     pub lake: Option<PathBuf>,
     /// Writer id of this instance (overrides lake.writer_id).
@@ -138,7 +138,7 @@ pub struct SimulateArgs {
 /// `sensorlake verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The lake: a folder, file:// or s3://bucket/prefix URL (AWS_* environment as for `run`).
+    /// The lake: a folder, or file://, s3://, az:// or gs:// URL (environment as for `run`).
     #[arg(long)]
     pub lake: PathBuf,
     /// The manifest written by `sensorlake simulate`.
@@ -155,7 +155,7 @@ pub struct VerifyArgs {
 /// `sensorlake compact`.
 #[derive(Debug, Args)]
 pub struct CompactArgs {
-    /// The lake: a folder, file:// or s3://bucket/prefix URL (overrides lake.path; AWS_*
+    /// The lake: a folder, or file://, s3://, az:// or gs:// URL (overrides lake.path;
     /// environment as for `run`).
     #[arg(long)]
     pub lake: Option<PathBuf>,

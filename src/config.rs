@@ -53,8 +53,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LakeConfig {
-    /// The lake: a folder (created if missing), `file://…`, or `s3://bucket/prefix`
-    /// (configured by the standard `AWS_*` environment variables).
+    /// The lake: a folder (created if missing), `file://…`, `s3://bucket/prefix`,
+    /// `az://container/prefix` or `gs://bucket/prefix` (each configured by its cloud's standard
+    /// environment variables).
     #[serde(default = "default_lake_path")]
     pub path: PathBuf,
     /// This instance's writer id: names its files and commit records and derives the MQTT

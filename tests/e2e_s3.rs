@@ -1,5 +1,5 @@
 //! The pipeline with its lake on S3, as `moto_server` (PyPI `moto[server]`) serves it on a
-//! free loopback port: MQTT in through Mosquitto, `--lake s3://bucket/prefix` configured only
+//! free loopback port (and once on Azure Blob, as Azurite serves it): MQTT in through Mosquitto, `--lake s3://bucket/prefix` configured only
 //! by the standard AWS environment variables, SIGKILLs mid-stream, a store that fails 30% of
 //! requests or is down for a minute (a fault-injecting HTTP proxy in front of moto), and
 //! `verify` exact on a copy of the bucket.
@@ -11,113 +11,14 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
-
-/// `moto_server` on a free port with one bucket, killed when dropped.
-struct Moto {
-    child: Child,
-    port: u16,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start(bucket: &str) -> Self {
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "this test needs moto_server (`pip install 'moto[server]'`; scripts/test installs it): {e}"
-                )
-            });
-        let moto = Moto {
-            child,
-            port,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        // Moto may accept connections before it serves them: retry CreateBucket (one plain,
-        // unsigned PUT; moto does not check signatures) until it answers 200.
-        let started = Instant::now();
-        loop {
-            let reply = TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
-                write!(
-                    stream,
-                    "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )?;
-                let mut reply = String::new();
-                stream.read_to_string(&mut reply)?;
-                Ok(reply)
-            });
-            match reply {
-                Ok(r) if r.starts_with("HTTP/1.1 200") => break,
-                other if started.elapsed() > Duration::from_secs(30) => {
-                    panic!(
-                        "moto_server on 127.0.0.1:{port} did not create bucket {bucket} within 30 s: {other:?}"
-                    )
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-        moto
-    }
-
-    /// The multipart uploads open in `bucket` (ListMultipartUploads, unsigned: moto does not
-    /// check signatures).
-    fn open_uploads(&self, bucket: &str) -> usize {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            stream,
-            "GET /{bucket}?uploads HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-        reply.matches("<Upload>").count()
-    }
-
-    /// The environment that points sensorlake (and the AWS CLI) at this server.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ]
-    }
-
-    fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
-        Arc::new(
-            object_store::aws::AmazonS3Builder::new()
-                .with_endpoint(&self.endpoint)
-                .with_allow_http(true)
-                .with_bucket_name(bucket)
-                .with_region("us-east-1")
-                .with_access_key_id("test")
-                .with_secret_access_key("test")
-                .build()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use sensorlake_testkit::{Azurite, Moto};
 
 /// Copies every object under `prefix/` into `dir`, keeping the relative paths; returns how
 /// many were listed. Objects the pipeline removes meanwhile are skipped.
@@ -205,7 +106,7 @@ impl S3Scenario {
         let moto = Moto::start(Self::BUCKET);
         let dir = tempfile::tempdir().unwrap();
         S3Scenario {
-            store: moto.store(Self::BUCKET),
+            store: Arc::new(moto.store(Self::BUCKET)),
             moto,
             broker: Mosquitto::start(),
             copy: dir.path().join("copy"),
@@ -704,4 +605,68 @@ fn walk_names(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// `--lake az://container/prefix`, configured only by the standard Azure variables (here the
+/// emulator's), through a SIGKILL; `verify --lake az://…` reads the container directly.
+#[test]
+fn a_lake_on_azure_blob_survives_a_sigkill_and_verifies_in_place() {
+    let azurite = Azurite::start("lake");
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.json");
+    let env = azurite.env();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.push(("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"));
+    let (url, lake) = (broker.url(), "az://lake/telemetry-lake");
+    let args = ["--mqtt", url.as_str(), "--lake", lake];
+    let log = dir.path().join("pipeline.log");
+    let mut p = Pipeline::start(&args, &log, &all);
+
+    const SENT: u64 = 10_000;
+    let mut sim = bin()
+        .args(simulate_args(&url, 100, SENT, 0.02, 43, &manifest, &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    p.kill9();
+    let mut p = Pipeline::start(&args, &log, &all);
+    assert!(sim.wait().unwrap().success(), "the simulator failed");
+
+    let verify_in_place = || {
+        let out = bin()
+            .args(["verify", "--lake", lake, "--manifest"])
+            .arg(&manifest)
+            .envs(azurite.env())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let started = Instant::now();
+    let (exact, report) = loop {
+        let (exact, report) = verify_in_place();
+        if exact || started.elapsed() > Duration::from_secs(120) {
+            break (exact, report);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        p.terminate().success(),
+        "SIGTERM must exit 0:\n{}",
+        p.log_text()
+    );
+    assert!(
+        exact,
+        "after a SIGKILL the Azure lake holds every reading once:\n{report}\n{}",
+        p.log_text()
+    );
 }

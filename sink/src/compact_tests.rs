@@ -222,8 +222,11 @@ fn copy_lake(from: &Fx, to: &Fx) {
 }
 
 fn two_hundred_small_files_become_a_few_sorted_ones(fx: Fx) {
-    if let Backend::Object { _moto: Some(_), .. } = &fx.backend {
-        // The writer's protocol takes ~6 requests a file; on moto that is 9 s for these 220
+    if let Backend::Object {
+        server: Some(_), ..
+    } = &fx.backend
+    {
+        // The writer's protocol takes ~6 requests a file; on an emulator (moto: 9 s) for these 220
         // files. The same commits on an in-memory store, copied over, take one PUT each.
         let memory = Fx::memory();
         small_commits(&memory, "w0", OLD, 20, 10, 50, true);

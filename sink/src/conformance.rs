@@ -1,13 +1,10 @@
 //! One suite for the commit protocol, run on every kind of store the lake supports: a local
-//! folder, an in-memory object store, and S3 as `moto_server` (PyPI `moto[server]`) serves it
-//! on a free loopback port. Each scenario is written once against [`Fx`] and instantiated per
+//! folder, an in-memory object store, S3 as `moto_server` (PyPI `moto[server]`) serves it, and
+//! Azure Blob as Azurite (npm `azurite`) serves it, each emulator on a free loopback port. Each scenario is written once against [`Fx`] and instantiated per
 //! store by `on_every_store!`.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -15,78 +12,13 @@ use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sensorlake_core::TelemetrySchema;
+use sensorlake_testkit::{Azurite, Moto};
 use tempfile::TempDir;
 
 use crate::lake::Failpoint;
 use crate::object::{ObjectStorage, PART_BYTES};
 use crate::test_util::{HOUR_US, T0, TestFlush, fast_options, list_files};
 use crate::{CommitStep, Lake, LakeOptions, Recovered, SinkError};
-
-/// `moto_server` on a free port, killed when dropped.
-pub(crate) struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `moto_server` and creates `bucket` in it; returns the server and its endpoint.
-fn start_moto(bucket: &str) -> (Moto, String) {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "these tests need moto_server (`pip install 'moto[server]'`; scripts/test installs it): {e}"
-            )
-        });
-    let moto = Moto(child);
-    // Moto may accept connections before it serves them: retry CreateBucket (one plain,
-    // unsigned PUT; moto does not check signatures) until it answers 200.
-    let started = Instant::now();
-    loop {
-        let reply = TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
-            write!(
-                stream,
-                "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut reply = String::new();
-            stream.read_to_string(&mut reply)?;
-            Ok(reply)
-        });
-        match reply {
-            Ok(r) if r.starts_with("HTTP/1.1 200") => break,
-            other if started.elapsed() > Duration::from_secs(30) => {
-                panic!(
-                    "moto_server on 127.0.0.1:{port} did not create bucket {bucket} within 30 s: {other:?}"
-                )
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-    (moto, format!("http://127.0.0.1:{port}"))
-}
-
-/// A client for `bucket` on the moto server at `endpoint`.
-fn moto_s3(endpoint: &str, bucket: &str) -> object_store::aws::AmazonS3 {
-    object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(bucket)
-        .with_region("us-east-1")
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .build()
-        .unwrap()
-}
 
 /// Where a scenario's lake lives, with ways to look at it from outside the lake.
 pub(crate) enum Backend {
@@ -96,8 +28,15 @@ pub(crate) enum Backend {
         prefix: &'static str,
         url: String,
         rt: tokio::runtime::Runtime,
-        _moto: Option<Moto>,
+        /// The emulator serving the store, if any; stopped with the fixture.
+        server: Option<Server>,
     },
+}
+
+/// An emulator process behind an object store.
+pub(crate) enum Server {
+    Moto(#[allow(dead_code)] Moto),
+    Azurite(#[allow(dead_code)] Azurite),
 }
 
 pub(crate) struct Fx {
@@ -115,13 +54,24 @@ impl Fx {
     }
 
     pub(crate) fn moto() -> Self {
-        let (moto, endpoint) = start_moto("lake");
-        let s3 = moto_s3(&endpoint, "lake");
+        let moto = Moto::start("lake");
+        let s3 = moto.store("lake");
         Self::object(
             Arc::new(s3),
             "some/prefix",
             "s3://lake/some/prefix",
-            Some(moto),
+            Some(Server::Moto(moto)),
+        )
+    }
+
+    pub(crate) fn azurite() -> Self {
+        let azurite = Azurite::start("lake");
+        let az = azurite.store("lake");
+        Self::object(
+            Arc::new(az),
+            "some/prefix",
+            "az://lake/some/prefix",
+            Some(Server::Azurite(azurite)),
         )
     }
 
@@ -129,9 +79,12 @@ impl Fx {
         store: Arc<dyn ObjectStore>,
         prefix: &'static str,
         url: &str,
-        moto: Option<Moto>,
+        server: Option<Server>,
     ) -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // Multi-threaded: connections this runtime opens go into the store's shared pool, and
+        // the lake may reuse them while the fixture is not blocking on anything.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
@@ -140,7 +93,7 @@ impl Fx {
             prefix,
             url: url.to_owned(),
             rt,
-            _moto: moto,
+            server,
         })
     }
 
@@ -379,6 +332,9 @@ macro_rules! on_every_store {
         mod moto_s3 {
             $(#[test] fn $scenario() { super::$scenario(super::Fx::moto()) })*
         }
+        mod azurite {
+            $(#[test] fn $scenario() { super::$scenario(super::Fx::azurite()) })*
+        }
     };
 }
 
@@ -409,30 +365,14 @@ fn a_file_over_one_part_is_uploaded_in_parts_and_reads_back_whole() {
     assert_eq!(storage.list("").unwrap(), ["big.bin"]);
 }
 
-/// The multipart uploads moto holds open in `bucket` (ListMultipartUploads, unsigned: moto
-/// does not check signatures).
-fn open_uploads(endpoint: &str, bucket: &str) -> usize {
-    let addr = endpoint.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET /{bucket}?uploads HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    reply.matches("<Upload>").count()
-}
-
 /// A crash in the middle of a multipart upload (the writer is leaked: no abort, as after
 /// SIGKILL) leaves an open upload on S3, recorded next to the temporary object; removing the
 /// temporary folder, as cleanup and recovery do, aborts it. A finished upload leaves neither
 /// an open upload nor its record.
 #[test]
 fn an_upload_left_open_by_a_crash_is_aborted_by_cleanup() {
-    let (_moto, endpoint) = start_moto("lake");
-    let s3 = Arc::new(moto_s3(&endpoint, "lake"));
+    let moto = Moto::start("lake");
+    let s3 = Arc::new(moto.store("lake"));
     let storage = ObjectStorage::with_multipart(s3.clone(), Some(s3), "p", "s3://lake/p").unwrap();
     let part = vec![7u8; PART_BYTES + 1];
 
@@ -440,17 +380,17 @@ fn an_upload_left_open_by_a_crash_is_aborted_by_cleanup() {
     done.write_all(&part).unwrap();
     done.write_all(&part).unwrap();
     assert_eq!(done.finish().unwrap(), 2 * part.len() as u64);
-    assert_eq!(open_uploads(&endpoint, "lake"), 0);
+    assert_eq!(moto.open_uploads("lake"), 0);
     assert_eq!(storage.list("tmp/w0/1").unwrap(), ["0.parquet"]);
 
     let mut crashed = storage.create("tmp/w0/2/0.parquet");
     crashed.write_all(&part).unwrap();
     std::mem::forget(crashed);
-    assert_eq!(open_uploads(&endpoint, "lake"), 1, "the crash left it open");
+    assert_eq!(moto.open_uploads("lake"), 1, "the crash left it open");
     assert_eq!(storage.list("tmp/w0/2").unwrap(), ["0.parquet.upload"]);
 
     storage.remove_all("tmp/w0/2").unwrap();
-    assert_eq!(open_uploads(&endpoint, "lake"), 0, "cleanup aborted it");
+    assert_eq!(moto.open_uploads("lake"), 0, "cleanup aborted it");
     assert!(storage.list("tmp/w0/2").unwrap().is_empty());
 }
 

@@ -1,4 +1,4 @@
-//! The sensorlake sink: the lake on a local folder or an object store (S3 and S3-compatible).
+//! The sensorlake sink: the lake on a local folder or an object store (S3, Azure Blob, GCS).
 //!
 //! The sink owns the lake's layout (Hive partitions of `telemetry/` and `dead_letter/`),
 //! Parquet encoding, and the commit protocol that makes every flush durable and visible exactly
@@ -10,8 +10,8 @@
 //! through one internal enum (`store`): `local` (`std::fs`, fsync and rename) or `object`
 //! (`object_store`: conditional puts, multipart uploads, copy then delete, on a runtime of its
 //! own). The protocol in [`lake`] is written once against it, and `conformance` runs one suite
-//! of scenarios on a folder, an in-memory store and `moto_server`'s S3. [`compact`] merges the
-//! small files of closed partitions with a protocol of the same shape.
+//! of scenarios on a folder, an in-memory store, `moto_server`'s S3 and Azurite's Azure Blob.
+//! [`compact`] merges the small files of closed partitions with a protocol of the same shape.
 //!
 //! ```text
 //! <lake>/telemetry/date=YYYY-MM-DD/hour=HH/part-<writer>-<commit:010>-<n:04>.parquet

@@ -17,8 +17,8 @@
 //!   some object's key starts with it.
 //! - There are no locks; the conditional commit record is the guard.
 //!
-//! The lake's API is blocking, so this module owns a small runtime (one worker thread) and
-//! blocks on each request. It must not be called from inside an async task (callers use a
+//! The lake's API is blocking, so this module runs requests on a runtime of its own (one
+//! worker thread for the process, see [`runtime`]) and blocks on each. It must not be called from inside an async task (callers use a
 //! blocking thread, as for the local store).
 
 use std::io::{self, Write};
@@ -50,7 +50,7 @@ pub(crate) struct ObjectStorage {
     prefix: String,
     /// The root as people know it (`s3://bucket/prefix`), for messages.
     url: PathBuf,
-    rt: Arc<Runtime>,
+    rt: &'static tokio::runtime::Runtime,
 }
 
 impl std::fmt::Debug for ObjectStorage {
@@ -64,24 +64,25 @@ impl std::fmt::Debug for ObjectStorage {
     }
 }
 
-/// The runtime requests run on. Dropped without waiting (`shutdown_background`), because the
-/// last `Lake` may well be dropped on an async task (the pipeline's, at shutdown), where a
-/// blocking runtime shutdown panics.
-#[derive(Debug)]
-struct Runtime(Option<tokio::runtime::Runtime>);
-
-impl Runtime {
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.0.as_ref().expect("present until dropped").block_on(f)
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
+/// The runtime every object store request runs on: one worker thread for the whole process,
+/// never shut down. One runtime, not one per lake, because an HTTP client keeps pooled
+/// connections whose driving tasks live on the runtime that opened them: a client shared by
+/// two lakes (the caller's `Arc<dyn ObjectStore>`) would otherwise reuse a connection whose
+/// runtime is gone or idle, and wait for its timeout. Never shut down, so dropping a lake on
+/// an async task (where a blocking runtime shutdown panics) is fine.
+fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RT: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sensorlake-object-store")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(Clone::clone)
 }
 
 impl ObjectStorage {
@@ -100,18 +101,19 @@ impl ObjectStorage {
         prefix: &str,
         url: &str,
     ) -> Result<Self, SinkError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sensorlake-object-store")
-            .enable_all()
-            .build()
-            .map_err(|e| SinkError::io("start the object store's runtime for", url, e))?;
+        let rt = runtime().map_err(|e| {
+            SinkError::io(
+                "start the object store's runtime for",
+                url,
+                io::Error::other(e),
+            )
+        })?;
         Ok(Self {
             store,
             multipart,
             prefix: prefix.trim_matches('/').to_owned(),
             url: PathBuf::from(url.trim_end_matches('/')),
-            rt: Arc::new(Runtime(Some(rt))),
+            rt,
         })
     }
 

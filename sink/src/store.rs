@@ -34,43 +34,71 @@ pub(crate) enum WriterLock {
 }
 
 impl Store {
-    /// The store a lake location names: `s3://bucket/prefix` (or `s3a://`, configured by the
-    /// standard `AWS_*` environment variables), `file:///path`, or a plain path. Creates
-    /// nothing; see [`Store::create_root`].
+    /// The store a lake location names: `s3://bucket/prefix` (or `s3a://`), `az://container/prefix`
+    /// (or `azure://`), `gs://bucket/prefix`, `file:///path`, or a plain path. Each cloud is
+    /// configured by its standard environment variables (`AWS_*`, `AZURE_STORAGE_*`,
+    /// `GOOGLE_*`/`SERVICE_ACCOUNT`), as its own CLI is. Creates nothing; see
+    /// [`Store::create_root`].
     ///
     /// # Errors
-    /// [`SinkError::InvalidLake`] for another scheme, or an S3 configuration the environment
-    /// does not complete (no region, a bad endpoint).
+    /// [`SinkError::InvalidLake`] for another scheme, or a configuration the environment does
+    /// not complete (no region, no account, a bad endpoint).
     pub(crate) fn from_url(root: &Path, options: &LakeOptions) -> Result<Store, SinkError> {
         let local = |path: &Path| Store::Local(LocalStore::new(path, options.fsync));
-        match root.to_str().and_then(|r| r.split_once("://")) {
-            Some(("file", path)) => Ok(local(Path::new(path))),
-            Some(("s3" | "s3a", rest)) => {
-                let url = root.to_string_lossy();
-                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let url = root.to_string_lossy().into_owned();
+        let invalid = |why: String| SinkError::InvalidLake {
+            url: url.clone(),
+            why,
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Ok(local(root));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if !matches!(scheme, "file") && bucket.is_empty() {
+            return Err(invalid(format!(
+                "no bucket or container: write `{scheme}://NAME/optional/prefix`"
+            )));
+        }
+        match scheme {
+            "file" => Ok(local(Path::new(rest))),
+            "s3" | "s3a" => {
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .build()
-                    .map_err(|e| SinkError::InvalidLake {
-                        url: url.to_string(),
-                        why: e.to_string(),
-                    })?;
-                let s3 = Arc::new(s3);
-                Ok(Store::Object(ObjectStorage::with_multipart(
-                    s3.clone(),
-                    Some(s3),
-                    prefix,
-                    &url,
-                )?))
+                    .map_err(|e| invalid(e.to_string()))?;
+                Self::cloud(Arc::new(s3), prefix, &url)
             }
-            Some((scheme, _)) => Err(SinkError::InvalidLake {
-                url: root.to_string_lossy().into_owned(),
-                why: format!(
-                    "`{scheme}://` lakes are not supported; use a local path, file:// or s3://"
-                ),
-            }),
-            None => Ok(local(root)),
+            "az" | "azure" => {
+                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(bucket)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                Self::cloud(Arc::new(az), prefix, &url)
+            }
+            "gs" => {
+                let gs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                Self::cloud(Arc::new(gs), prefix, &url)
+            }
+            _ => Err(invalid(format!(
+                "`{scheme}://` lakes are not supported; use a local path, file://, s3://, az:// or gs://"
+            ))),
         }
+    }
+
+    /// A lake on a cloud store, with tracked multipart uploads.
+    fn cloud<S>(store: Arc<S>, prefix: &str, url: &str) -> Result<Store, SinkError>
+    where
+        S: object_store::ObjectStore + object_store::multipart::MultipartStore,
+    {
+        Ok(Store::Object(ObjectStorage::with_multipart(
+            store.clone(),
+            Some(store),
+            prefix,
+            url,
+        )?))
     }
 
     /// Creates the lake's root folder (and its parents) if it is local; nothing on an object

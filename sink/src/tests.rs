@@ -738,3 +738,25 @@ fn encode_parquet_into_a_discarding_writer_returns_the_rows() {
         })
     ));
 }
+
+#[test]
+fn lake_urls_that_cannot_work_are_refused_with_what_to_write_instead() {
+    let schema = Arc::new(TelemetrySchema::v1_default());
+    for (url, says) in [
+        (
+            "ftp://host/lake",
+            "use a local path, file://, s3://, az:// or gs://",
+        ),
+        ("s3://", "no bucket or container"),
+        ("gs:///prefix", "no bucket or container"),
+        ("az://", "no bucket or container"),
+    ] {
+        match Lake::open(Path::new(url), "w0", schema.clone(), fast_options()) {
+            Err(e @ SinkError::InvalidLake { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(url) && text.contains(says), "{url}: {text}");
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+}
