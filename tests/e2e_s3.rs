@@ -270,14 +270,34 @@ fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
         "after a SIGKILL the S3 lake holds every reading once:\n{report}"
     );
 
-    // `verify` reads the bucket itself, configured like `run` by the AWS variables.
+    // `verify` reads the bucket itself — configured this time by an AWS CLI profile alone
+    // (`~/.aws/config` and `~/.aws/credentials`, no AWS_* variable), as `aws s3` would be.
+    let home = sc.dir.path().join("home");
+    std::fs::create_dir_all(home.join(".aws")).unwrap();
+    std::fs::write(
+        home.join(".aws/config"),
+        format!(
+            "[default]\nregion = eu-north-1\n\n[profile moto]\nregion = us-east-1\nendpoint_url = {}\n",
+            sc.moto.endpoint
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        home.join(".aws/credentials"),
+        "[moto]\naws_access_key_id = test\naws_secret_access_key = test\n",
+    )
+    .unwrap();
     let lake = format!("s3://{}/site-a/lake", S3Scenario::BUCKET);
-    let out = bin()
+    let mut verify = bin();
+    verify
         .args(["verify", "--lake", &lake, "--manifest"])
         .arg(&sc.manifest)
-        .envs(sc.moto.env())
-        .output()
-        .unwrap();
+        .env("HOME", &home)
+        .env("AWS_PROFILE", "moto");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+        verify.env_remove(k);
+    }
+    let out = verify.output().unwrap();
     let direct = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

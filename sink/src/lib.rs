@@ -24,6 +24,7 @@
 //! <lake>/_sensorlake/compactions/tmp/<compaction:020>/<k>.parquet
 //! ```
 
+mod aws_profile;
 pub mod compact;
 mod encode;
 mod error;

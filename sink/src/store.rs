@@ -37,7 +37,8 @@ impl Store {
     /// The store a lake location names: `s3://bucket/prefix` (or `s3a://`), `az://container/prefix`
     /// (or `azure://`), `gs://bucket/prefix`, `file:///path`, or a plain path. Each cloud is
     /// configured by its standard environment variables (`AWS_*`, `AZURE_STORAGE_*`,
-    /// `GOOGLE_*`/`SERVICE_ACCOUNT`), as its own CLI is. Creates nothing; see
+    /// `GOOGLE_*`/`SERVICE_ACCOUNT`), as its own CLI is; S3 also by the AWS CLI's profile
+    /// files (`aws_profile`). Creates nothing; see
     /// [`Store::create_root`].
     ///
     /// # Errors
@@ -62,7 +63,10 @@ impl Store {
         match scheme {
             "file" => Ok(local(Path::new(rest))),
             "s3" | "s3a" => {
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                // Environment first, then the AWS CLI's profile for what it leaves unset.
+                let env = |k: &str| std::env::var(k).ok();
+                let s3 = crate::aws_profile::AwsProfile::load(&env)
+                    .apply(&env, object_store::aws::AmazonS3Builder::from_env())
                     .with_bucket_name(bucket)
                     .build()
                     .map_err(|e| invalid(e.to_string()))?;
