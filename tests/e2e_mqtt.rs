@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -527,4 +527,96 @@ fn with_a_retry_budget_a_lake_that_keeps_failing_ends_the_process_with_status_1(
         "the log says why it stopped:\n{log}"
     );
     assert_eq!(committed_readings(&sc.lake), 0);
+}
+
+/// SIGTERM while readings stream in: intake stops, what was received is committed and
+/// acknowledged, the process exits 0 well within `shutdown.timeout_secs`; what the broker
+/// still holds goes to the next run, and the end result is exact.
+#[test]
+fn sigterm_mid_stream_drains_commits_and_exits_0_within_the_timeout() {
+    let sc = Scenario::new();
+    let env = [("SENSORLAKE_SHUTDOWN__TIMEOUT_SECS", "10")];
+    let mut p = sc.pipeline("pipeline", &[], &env);
+    const SENT: u64 = 30_000;
+    let url = sc.broker.url();
+    let mut sim = bin()
+        .args(simulate_args(
+            &url,
+            100,
+            SENT,
+            0.02,
+            29,
+            &sc.manifest,
+            &["--rate", "5000"],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Mid-stream, with a flush pending (the 5 s age limit has not fired yet).
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = Instant::now();
+    let status = p.terminate();
+    let took = asked.elapsed();
+    let log = p.log_text();
+    assert!(status.success(), "SIGTERM must exit 0:\n{log}");
+    assert!(
+        took < Duration::from_secs(10),
+        "stopped in {took:?}, past shutdown.timeout_secs (10 s)"
+    );
+    assert!(
+        log.contains("Shutting down") && log.contains("Stopped"),
+        "{log}"
+    );
+    let committed_at_exit = committed_readings(&sc.lake);
+    assert!(
+        committed_at_exit > 0,
+        "the pending flush was committed on the way out"
+    );
+
+    let mut p = sc.pipeline("pipeline", &[], &env);
+    assert!(sim.wait().unwrap().success(), "the simulator failed");
+    let (exact, report) = verify_eventually(&sc.lake, &sc.manifest, Duration::from_secs(60));
+    assert!(p.terminate().success());
+    assert!(exact, "after a SIGTERM mid-stream and a restart:\n{report}");
+    eprintln!(
+        "SIGTERM answered in {took:?}; {committed_at_exit} readings committed on the way out"
+    );
+}
+
+/// SIGTERM while every commit fails: the retries stop after `shutdown.timeout_secs`, the
+/// process exits non-zero without acknowledging anything, and once the lake works again a
+/// restart loses nothing.
+#[test]
+fn sigterm_with_a_failing_lake_gives_up_after_the_timeout_and_acknowledges_nothing() {
+    let sc = Scenario::new();
+    let env = [
+        ("SENSORLAKE_SHUTDOWN__TIMEOUT_SECS", "3"),
+        ("SENSORLAKE_FLUSH__MAX_AGE_MS", "200"),
+    ];
+    let mut p = sc.pipeline("pipeline", &[], &env);
+    let tmp = sc.lake.join("_sensorlake/tmp/w0");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::write(&tmp, b"not a folder").unwrap();
+    simulate(&sc.broker.url(), 20, 2_000, 0.0, 31, &sc.manifest);
+    wait_for("a failing commit", Duration::from_secs(30), || {
+        p.log_text().contains("Commit failed")
+    });
+    let asked = Instant::now();
+    let status = p.terminate();
+    let took = asked.elapsed();
+    let log = p.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(15),
+        "gave up after {took:?}; shutdown.timeout_secs is 3 s"
+    );
+    assert!(log.contains("gave up committing"), "{log}");
+    assert_eq!(committed_readings(&sc.lake), 0);
+
+    std::fs::remove_file(&tmp).unwrap();
+    let mut p = sc.pipeline("pipeline", &[], &env);
+    let (exact, report) = verify_eventually(&sc.lake, &sc.manifest, Duration::from_secs(60));
+    assert!(p.terminate().success());
+    assert!(exact, "nothing acknowledged was lost:\n{report}");
 }
