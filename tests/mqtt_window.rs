@@ -206,3 +206,51 @@ async fn acknowledgements_leave_while_the_pipeline_reads_nothing() {
         );
     }
 }
+
+/// A persistent session that exists without our subscription (a connection that died before
+/// SUBSCRIBE, a refused one, or topics changed in the configuration) still gets the
+/// subscription: the source subscribes on every connection, session or not.
+#[tokio::test]
+async fn a_session_without_the_subscription_is_repaired_on_connect() {
+    use sensorlake_ingest::{MqttConfig, MqttSource};
+    let broker = Mosquitto::start();
+    // A session for our client id, with no subscription in it.
+    let mut o = rumqttc::v5::MqttOptions::new("repair-test", "127.0.0.1", broker.port);
+    o.set_clean_start(false)
+        .set_session_expiry_interval(Some(3600));
+    let (c, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
+    loop {
+        if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(_)) =
+            el.poll().await.unwrap()
+        {
+            break;
+        }
+    }
+    c.disconnect().await.unwrap();
+    while el.poll().await.is_ok() {}
+
+    let config = MqttConfig {
+        url: format!("mqtt://127.0.0.1:{}", broker.port),
+        topics: vec!["repair/#".into()],
+        ..MqttConfig::default()
+    };
+    let mut source = MqttSource::start(&config, "repair-test").unwrap();
+    let events = source.acker().events().clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("subscribed although the broker kept a session");
+    assert!(events.connects.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    publish_qos(broker.port, "repair/d", 5, rumqttc::QoS::AtLeastOnce).await;
+    for _ in 0..5 {
+        let d = tokio::time::timeout(Duration::from_secs(5), source.deliveries.recv())
+            .await
+            .expect("a delivery")
+            .unwrap();
+        source.acker().ack(&[d.ack]);
+    }
+    source.shutdown(Duration::from_secs(5)).await;
+}

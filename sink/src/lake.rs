@@ -514,9 +514,11 @@ impl Lake {
         // (3) The commit point.
         let json = serde_json::to_vec(&record)
             .expect("a commit record always serializes: string map keys, derived impls only");
-        let put = self
-            .store
-            .put_atomic(&layout::commit_record(&self.writer, commit), &json);
+        let put = self.store.put_atomic_like(
+            &layout::commit_record(&self.writer, commit),
+            &json,
+            &|existing| record.same_commit_as(existing),
+        );
         #[cfg(test)]
         let put = match (put, self.failpoint) {
             (Ok(()), Some(Failpoint::RecordDirSync)) => Err(PutError::Unknown(SinkError::io(

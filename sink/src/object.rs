@@ -152,7 +152,12 @@ impl ObjectStorage {
     }
 
     /// Creates object `rel` with `bytes` unless it exists (a conditional put).
-    pub(crate) fn put_atomic(&self, rel: &str, bytes: &[u8]) -> Result<(), PutError> {
+    pub(crate) fn put_atomic(
+        &self,
+        rel: &str,
+        bytes: &[u8],
+        same: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<(), PutError> {
         let key = self.key(rel);
         let options = PutOptions {
             mode: PutMode::Create,
@@ -165,9 +170,11 @@ impl ObjectStorage {
         {
             Ok(_) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. }) => {
-                // Ours, if a retried request already created it; another process's otherwise.
+                // Ours, if a retried request (or an earlier attempt whose outcome was unknown)
+                // already created it; another process's otherwise. `same` decides, since an
+                // earlier attempt at the same content may differ in incidental fields.
                 let existing = self.read(rel).map_err(PutError::NotWritten)?;
-                if existing == bytes {
+                if existing == bytes || same(&existing) {
                     return Ok(());
                 }
                 Err(PutError::NotWritten(SinkError::io(

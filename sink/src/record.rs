@@ -114,6 +114,19 @@ pub struct CommitRecord {
 }
 
 impl CommitRecord {
+    /// Whether `existing` (a stored record's bytes) is this same commit, written by an earlier
+    /// attempt of the same flush: equal in everything but `created_at`. An attempt whose
+    /// outcome was unknown may have landed after the lake was reopened; its retry must
+    /// recognise it rather than fail as "another writer".
+    pub(crate) fn same_commit_as(&self, existing: &[u8]) -> bool {
+        serde_json::from_slice::<CommitRecord>(existing).is_ok_and(|other| {
+            CommitRecord {
+                created_at: self.created_at.clone(),
+                ..other
+            } == *self
+        })
+    }
+
     /// Rows in all files.
     pub fn rows(&self) -> u64 {
         self.files.iter().map(|f| f.rows).sum()
@@ -319,4 +332,36 @@ pub fn read_commit_records(root: &Path) -> Result<Vec<CommitRecord>, SinkError> 
         all.extend(read_writer_records(&store, &writer)?);
     }
     Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(created_at: &str, rows: u64) -> CommitRecord {
+        CommitRecord {
+            version: COMMIT_RECORD_VERSION,
+            writer: "w0".into(),
+            commit: 7,
+            created_at: created_at.into(),
+            files: vec![CommittedFile {
+                table: Table::Telemetry,
+                path: "telemetry/date=2026-11-27/hour=15/part-w0-0000000007-0000.parquet".into(),
+                tmp_path: "_sensorlake/tmp/w0/00000000000000000007/0.parquet".into(),
+                rows,
+                bytes: 1234,
+            }],
+            counts: FlushCounts::default(),
+            devices: BTreeMap::new(),
+            sources: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_record_is_the_same_commit_whatever_its_creation_time_and_only_then() {
+        let first = serde_json::to_vec(&record("2026-11-27T15:00:00.000Z", 10)).unwrap();
+        assert!(record("2026-11-27T15:00:09.999Z", 10).same_commit_as(&first));
+        assert!(!record("2026-11-27T15:00:00.000Z", 11).same_commit_as(&first));
+        assert!(!record("2026-11-27T15:00:00.000Z", 10).same_commit_as(b"{not json"));
+    }
 }

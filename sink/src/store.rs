@@ -143,10 +143,23 @@ impl Store {
         }
     }
 
+    /// Writes `bytes` as `rel` all at once. On an object store it is a conditional put: an
+    /// object already there counts as written when it has the same bytes.
     pub(crate) fn put_atomic(&self, rel: &str, bytes: &[u8]) -> Result<(), PutError> {
+        self.put_atomic_like(rel, bytes, &|_| false)
+    }
+
+    /// As [`Store::put_atomic`], an existing object also counting as written when `same`
+    /// says its bytes mean the same (a commit record differing only in `created_at`).
+    pub(crate) fn put_atomic_like(
+        &self,
+        rel: &str,
+        bytes: &[u8],
+        same: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<(), PutError> {
         match self {
             Store::Local(s) => s.put_atomic(rel, bytes),
-            Store::Object(s) => s.put_atomic(rel, bytes),
+            Store::Object(s) => s.put_atomic(rel, bytes, same),
         }
     }
 

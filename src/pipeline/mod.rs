@@ -96,6 +96,10 @@ pub enum PipelineError {
     /// The MQTT source configuration is invalid.
     #[error("invalid MQTT settings: {0}")]
     Source(#[from] sensorlake_ingest::mqtt::config::ConfigError),
+    /// The lake cannot tell whether the last commit is durable (fsyncing a folder failed);
+    /// restart so that recovery decides. Nothing uncommitted was acknowledged.
+    #[error("stopping so that recovery can run at the next start: {0}")]
+    LakeNeedsRecovery(#[source] SinkError),
     /// Commits kept failing until the shutdown deadline or past `lake.retry_budget_secs`;
     /// nothing uncommitted was acknowledged.
     #[error(
@@ -172,6 +176,14 @@ struct LakeSpec {
 }
 
 impl LakeSpec {
+    /// Whether the lake is on an object store (a URL other than `file://`) rather than a folder.
+    fn is_object_store(&self) -> bool {
+        self.path
+            .to_str()
+            .and_then(|p| p.split_once("://"))
+            .is_some_and(|(scheme, _)| scheme != "file")
+    }
+
     fn of(config: &Config, schema: Arc<TelemetrySchema>) -> Self {
         Self {
             path: config.lake.path.clone(),
@@ -348,25 +360,50 @@ impl Stages {
     async fn reopen_lake(
         &mut self,
         commit: u64,
-        backoff: &mut Backoff,
+        rows: u64,
     ) -> Result<Option<sensorlake_sink::CommitSummary>, PipelineError> {
         self.lake = None;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let started = Instant::now();
         loop {
             match self.reopen.open().await {
                 Ok((lake, recovered)) => {
                     self.lake = Some(lake);
-                    let committed = recovered.last_commit.is_some_and(|c| c >= commit);
-                    info!(
-                        commit,
-                        committed, "Lake reopened after an unknown commit outcome"
-                    );
-                    return Ok(recovered.last_summary.filter(|_| committed));
+                    let last = recovered.last_summary.filter(|s| s.commit >= commit);
+                    return match last {
+                        // Ours: the same number, the same rows.
+                        Some(s) if s.commit == commit && s.rows == rows => {
+                            info!(commit, "Lake reopened: the commit is in the lake");
+                            Ok(Some(s))
+                        }
+                        // A commit that is not this flush's: another process writes as this
+                        // writer id. Acknowledging would lose this flush.
+                        Some(s) => Err(PipelineError::OpenLake(SinkError::Poisoned {
+                            commit,
+                            cause: format!(
+                                "after reopening, commit {} ({} rows) is not this flush ({rows} rows): \
+                                 another process writes with this writer id; give each instance its own",
+                                s.commit, s.rows
+                            ),
+                        })),
+                        None => {
+                            info!(
+                                commit,
+                                "Lake reopened: the commit is not in the lake; committing again"
+                            );
+                            Ok(None)
+                        }
+                    };
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     error!(error = %e, retry_in_ms = delay.as_millis() as u64,
                            "Reopening the lake failed; nothing of this batch is acknowledged, retrying");
-                    if self.shutdown.is_cancelled() {
+                    let over_budget = self.retry_budget.is_some_and(|b| started.elapsed() >= b);
+                    if over_budget
+                        || (self.shutdown.is_cancelled()
+                            && started.elapsed() >= self.shutdown_timeout)
+                    {
                         return Err(e);
                     }
                     tokio::time::sleep(delay).await;
@@ -477,53 +514,63 @@ impl Stages {
             .await
             .map_err(|e| PipelineError::Internal(e.to_string()))?;
             self.lake = Some(lake);
-            match result {
+            let e = match result {
                 Ok(summary) => return Ok(summary),
-                // Whether this commit is durable cannot be known without reopening the lake
-                // (a lost response to the commit record's put, say): reopen it, and let
-                // recovery decide from what is in storage. Nothing is acknowledged meanwhile.
-                Err(SinkError::Poisoned { commit, cause }) => {
+                // On a folder, an unknown outcome means fsyncing the commits folder failed:
+                // the disk reports I/O errors, and nothing done in this process can prove the
+                // record durable afterwards. Stop, unacknowledged; a restart's recovery decides.
+                Err(e @ SinkError::Poisoned { .. }) if !self.reopen.is_object_store() => {
                     metrics::counter!("sensorlake_commit_errors_total").increment(1);
+                    return Err(PipelineError::LakeNeedsRecovery(e));
+                }
+                // On an object store (a lost response to the record's conditional put, say):
+                // reopen the lake and let recovery decide from what the store holds. Nothing is
+                // acknowledged meanwhile; a flush found not committed counts as a failed attempt.
+                Err(e @ SinkError::Poisoned { .. }) => {
+                    let SinkError::Poisoned { commit, cause } = &e else {
+                        unreachable!("matched above")
+                    };
                     warn!(commit, cause = %cause,
                           "Commit outcome unknown; reopening the lake so that recovery decides");
-                    if let Some(summary) = self.reopen_lake(commit, &mut backoff).await? {
+                    let rows = output.telemetry.num_rows() + output.dead_letters.num_rows();
+                    if let Some(summary) = self.reopen_lake(*commit, rows as u64).await? {
                         return Ok(summary);
                     }
+                    e
                 }
-                Err(e) => {
-                    metrics::counter!("sensorlake_commit_errors_total").increment(1);
-                    let delay = backoff.next_delay();
-                    let (attempt, retry_in_ms) = (backoff.attempts(), delay.as_millis() as u64);
-                    if e.is_storage_full() {
-                        metrics::counter!("sensorlake_commit_storage_full_total").increment(1);
-                        error!(error = %e, attempt, retry_in_ms,
-                               "Commit failed: the file system holding the lake is full. Free space there (or move the lake); nothing of this batch is acknowledged, retrying");
-                    } else {
-                        error!(error = %e, attempt, retry_in_ms,
-                               "Commit failed; nothing of this batch is acknowledged, retrying");
-                    }
-                    let failing_for = failing_since.get_or_insert_with(Instant::now).elapsed();
-                    if let Some(budget) = self.retry_budget.filter(|b| failing_for >= *b) {
-                        error!(error = %e, attempts = backoff.attempts(), budget_secs = budget.as_secs(),
-                               "Commits have failed for longer than lake.retry_budget_secs; exiting with status 1. \
-                                Nothing uncommitted was acknowledged: the broker keeps it for the next start");
-                        return Err(PipelineError::CommitGaveUp {
-                            attempts: backoff.attempts(),
-                            source: e,
-                        });
-                    }
-                    if self.shutdown.is_cancelled() {
-                        let since = *gave_up_at.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= self.shutdown_timeout {
-                            return Err(PipelineError::CommitGaveUp {
-                                attempts: backoff.attempts(),
-                                source: e,
-                            });
-                        }
-                    }
-                    tokio::time::sleep(delay).await;
+                Err(e) => e,
+            };
+            metrics::counter!("sensorlake_commit_errors_total").increment(1);
+            let delay = backoff.next_delay();
+            let (attempt, retry_in_ms) = (backoff.attempts(), delay.as_millis() as u64);
+            if e.is_storage_full() {
+                metrics::counter!("sensorlake_commit_storage_full_total").increment(1);
+                error!(error = %e, attempt, retry_in_ms,
+                       "Commit failed: the file system holding the lake is full. Free space there (or move the lake); nothing of this batch is acknowledged, retrying");
+            } else {
+                error!(error = %e, attempt, retry_in_ms,
+                       "Commit failed; nothing of this batch is acknowledged, retrying");
+            }
+            let failing_for = failing_since.get_or_insert_with(Instant::now).elapsed();
+            if let Some(budget) = self.retry_budget.filter(|b| failing_for >= *b) {
+                error!(error = %e, attempts = backoff.attempts(), budget_secs = budget.as_secs(),
+                       "Commits have failed for longer than lake.retry_budget_secs; exiting with status 1. \
+                        Nothing uncommitted was acknowledged: the broker keeps it for the next start");
+                return Err(PipelineError::CommitGaveUp {
+                    attempts: backoff.attempts(),
+                    source: e,
+                });
+            }
+            if self.shutdown.is_cancelled() {
+                let since = *gave_up_at.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.shutdown_timeout {
+                    return Err(PipelineError::CommitGaveUp {
+                        attempts: backoff.attempts(),
+                        source: e,
+                    });
                 }
             }
+            tokio::time::sleep(delay).await;
         }
     }
 }

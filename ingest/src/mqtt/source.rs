@@ -333,7 +333,7 @@ async fn connection(
         );
         stream.write_all(&out).await?;
         let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
-        let first = next_packet(&ctx.wire, &mut stream, &mut inbuf).await?;
+        let first = next_packet(&ctx.wire, &mut stream, &mut inbuf, None).await?;
         Ok::<_, End>((stream, inbuf, first))
     };
     let (stream, inbuf, first) = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
@@ -364,22 +364,24 @@ async fn connection(
              Keep the client id stable and the broker's persistence on"
         );
     }
-    if session_present {
-        subscribed(ctx);
-    }
-    let keep_alive = Duration::from_secs(u64::from(
-        server_keep_alive.unwrap_or(ctx.keep_alive_secs).max(1),
-    ));
+    // MQTT 5: the broker may impose its own keep-alive; 0 switches pings off.
+    let keep_alive = match server_keep_alive.unwrap_or(ctx.keep_alive_secs) {
+        0 => None,
+        secs => Some(Duration::from_secs(u64::from(secs))),
+    };
 
     let (rd, wr) = tokio::io::split(stream);
     let link = Link {
         epoch,
         ping_outstanding: AtomicBool::new(false),
         reader_waiting: AtomicBool::new(false),
+        bytes_read: AtomicU64::new(0),
     };
     let (comp_tx, comp_rx) = mpsc::unbounded_channel();
     let reader = read_half(ctx, &link, rd, inbuf, comp_tx);
-    let writer = write_half(ctx, &link, wr, acks, comp_rx, !session_present, keep_alive);
+    // SUBSCRIBE on every connection, session or not: it is idempotent, and it repairs a
+    // session whose subscription was lost or refused, or whose topics changed in the config.
+    let writer = write_half(ctx, &link, wr, acks, comp_rx, keep_alive);
     tokio::select! {
         e = reader => e,
         e = writer => e,
@@ -393,6 +395,8 @@ struct Link {
     ping_outstanding: AtomicBool,
     /// The reader waits for the pipeline, so it reads nothing, PINGRESPs included.
     reader_waiting: AtomicBool,
+    /// Bytes read so far: any byte from the broker shows the connection is alive.
+    bytes_read: AtomicU64,
 }
 
 fn subscribed(ctx: &Ctx) {
@@ -406,6 +410,7 @@ async fn next_packet<R: AsyncRead + Unpin>(
     wire: &Wire,
     rd: &mut R,
     buf: &mut BytesMut,
+    bytes_read: Option<&AtomicU64>,
 ) -> Result<Incoming, End> {
     loop {
         if let Some(p) = wire
@@ -417,8 +422,13 @@ async fn next_packet<R: AsyncRead + Unpin>(
         if buf.capacity() - buf.len() < READ_CHUNK / 8 {
             buf.reserve(READ_CHUNK);
         }
-        if rd.read_buf(buf).await? == 0 {
-            return Err(End::Lost("the broker closed the connection".into()));
+        match rd.read_buf(buf).await? {
+            0 => return Err(End::Lost("the broker closed the connection".into())),
+            n => {
+                if let Some(counter) = bytes_read {
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
@@ -432,7 +442,7 @@ async fn read_half<R: AsyncRead + Unpin>(
     completions: mpsc::UnboundedSender<u16>,
 ) -> End {
     loop {
-        let packet = match next_packet(&ctx.wire, &mut rd, &mut buf).await {
+        let packet = match next_packet(&ctx.wire, &mut rd, &mut buf, Some(&link.bytes_read)).await {
             Ok(p) => p,
             Err(e) => return e,
         };
@@ -470,11 +480,19 @@ async fn read_half<R: AsyncRead + Unpin>(
                 let _ = completions.send(pkid);
             }
             Incoming::PingResp => link.ping_outstanding.store(false, Ordering::Relaxed),
-            Incoming::SubAck { refused } => {
-                if refused {
-                    warn!(broker = %ctx.addr, "Broker refused a subscription; check the topic filters and ACLs");
+            Incoming::SubAck { granted } => {
+                let refused = granted.iter().filter(|g| g.is_none()).count();
+                let downgraded = granted.iter().flatten().filter(|q| **q < ctx.qos).count();
+                if refused > 0 {
+                    warn!(broker = %ctx.addr, refused, topics = ?ctx.topics,
+                          "Broker refused a subscription; check the topic filters and ACLs");
+                } else if downgraded > 0 {
+                    warn!(broker = %ctx.addr, downgraded, requested_qos = ctx.qos, topics = ?ctx.topics,
+                          "Broker granted a lower QoS than requested: messages at QoS 0 are not acknowledged and a crash can lose them. Raise the broker's maximum QoS");
+                    subscribed(ctx);
+                } else {
+                    subscribed(ctx);
                 }
-                subscribed(ctx);
             }
             Incoming::Disconnect { reason } => {
                 return End::Lost(format!("the broker disconnected us: {reason}"));
@@ -495,15 +513,15 @@ async fn write_half<W: AsyncWrite + Unpin>(
     mut wr: W,
     acks: &mut mpsc::UnboundedReceiver<Vec<AckToken>>,
     mut completions: mpsc::UnboundedReceiver<u16>,
-    subscribe: bool,
-    keep_alive: Duration,
+    keep_alive: Option<Duration>,
 ) -> End {
     let mut out = BytesMut::with_capacity(4096);
-    if subscribe {
-        ctx.wire.subscribe(1, &ctx.topics, ctx.qos, &mut out);
-    }
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    ctx.wire.subscribe(1, &ctx.topics, ctx.qos, &mut out);
+    // Without a keep-alive the timer never fires.
+    let period = keep_alive.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_at_last_ping = 0u64;
     let mut batches = Vec::with_capacity(ACK_BATCHES_PER_WRITE);
     let mut acks_open = true;
     loop {
@@ -520,12 +538,18 @@ async fn write_half<W: AsyncWrite + Unpin>(
                 written += encode_acks(ctx, link, batches.drain(..), &mut out);
             }
             Some(pkid) = completions.recv() => ctx.wire.pubcomp(pkid, &mut out),
-            _ = ping.tick() => {
+            _ = ping.tick(), if keep_alive.is_some() => {
+                // Dead only if nothing at all came in since the last ping while the reader was
+                // free to read: a PINGRESP may sit behind a backlog of publishes the reader
+                // has not reached because the pipeline is busy.
+                let read = link.bytes_read.load(Ordering::Relaxed);
                 if link.ping_outstanding.swap(true, Ordering::Relaxed)
+                    && read == read_at_last_ping
                     && !link.reader_waiting.load(Ordering::Relaxed)
                 {
-                    return End::Lost(format!("no PINGRESP from the broker within {keep_alive:?}"));
+                    return End::Lost(format!("nothing from the broker within {period:?} of a PINGREQ"));
                 }
+                read_at_last_ping = read;
                 ctx.wire.ping(&mut out);
             }
             () = ctx.disconnect.cancelled() => {

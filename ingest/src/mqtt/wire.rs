@@ -26,8 +26,9 @@ pub(crate) enum Incoming {
         pkid: u16,
         qos: u8,
     },
+    /// The QoS granted per topic filter; `None` where the subscription was refused.
     SubAck {
-        refused: bool,
+        granted: Vec<Option<u8>>,
     },
     /// QoS 2, second half: the broker released a message we acknowledged with PUBREC.
     PubRel {
@@ -124,10 +125,12 @@ impl Wire {
                 v4::Packet::Subscribe(s).write(out, NO_LIMIT).is_ok()
             }
             MqttProtocol::V5 => {
+                // Subscribing again on every connection must not replay retained messages.
                 let mut s = v5::Subscribe::new_many(
-                    topics
-                        .iter()
-                        .map(|t| v5::Filter::new(t.clone(), qos_v5(qos))),
+                    topics.iter().map(|t| v5::Filter {
+                        retain_forward_rule: v5::RetainForwardRule::OnNewSubscribe,
+                        ..v5::Filter::new(t.clone(), qos_v5(qos))
+                    }),
                     None,
                 );
                 s.pkid = pkid;
@@ -223,10 +226,14 @@ fn from_v4(p: v4::Packet) -> Incoming {
             qos: p.qos as u8,
         },
         v4::Packet::SubAck(s) => Incoming::SubAck {
-            refused: s
+            granted: s
                 .return_codes
                 .iter()
-                .any(|c| matches!(c, v4::SubscribeReasonCode::Failure)),
+                .map(|c| match c {
+                    v4::SubscribeReasonCode::Success(q) => Some(*q as u8),
+                    v4::SubscribeReasonCode::Failure => None,
+                })
+                .collect(),
         },
         v4::Packet::PubRel(r) => Incoming::PubRel { pkid: r.pkid },
         v4::Packet::PingResp => Incoming::PingResp,
@@ -262,10 +269,14 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
             }
         }
         v5::Packet::SubAck(s) => Incoming::SubAck {
-            refused: s
+            granted: s
                 .return_codes
                 .iter()
-                .any(|c| !matches!(c, v5::SubscribeReasonCode::Success(_))),
+                .map(|c| match c {
+                    v5::SubscribeReasonCode::Success(q) => Some(*q as u8),
+                    _ => None,
+                })
+                .collect(),
         },
         v5::Packet::PubRel(r) => Incoming::PubRel { pkid: r.pkid },
         v5::Packet::PingResp(_) => Incoming::PingResp,
