@@ -364,6 +364,11 @@ async fn connection(
              Keep the client id stable and the broker's persistence on"
         );
     }
+    // A kept session holds the subscription already (the SUBSCRIBE sent below repairs one
+    // that does not); its SUBACK may come only after a backlog of queued publishes.
+    if session_present {
+        subscribed(ctx);
+    }
     // MQTT 5: the broker may impose its own keep-alive; 0 switches pings off.
     let keep_alive = match server_keep_alive.unwrap_or(ctx.keep_alive_secs) {
         0 => None,

@@ -171,11 +171,19 @@ impl Wire {
 
     /// Takes the next whole packet off the front of `buf`; `None` when more bytes are needed.
     pub(crate) fn read(&self, buf: &mut BytesMut) -> Result<Option<Incoming>, WireError> {
-        // A bodiless DISCONNECT is valid in MQTT 5 (reason 0) but the v5 codec rejects it.
+        // A bodiless DISCONNECT is valid in MQTT 5 (reason 0) but the v5 codec rejects it, and
+        // one with only a reason code (say 0x8E, session taken over) it would swallow.
         if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0 {
             let _ = buf.split_to(2);
             return Ok(Some(Incoming::Disconnect {
                 reason: "normal disconnection".into(),
+            }));
+        }
+        if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 1 {
+            let code = buf[2];
+            let _ = buf.split_to(3);
+            return Ok(Some(Incoming::Disconnect {
+                reason: format!("reason code 0x{code:02X}"),
             }));
         }
         match self.protocol {
@@ -342,6 +350,7 @@ mod tests {
             buf.extend_from_slice(&publish[3..]);
             buf.extend_from_slice(&[0xD0, 0x00]); // PINGRESP
             buf.extend_from_slice(&[0xE0, 0x00]); // DISCONNECT
+            buf.extend_from_slice(&[0xE0, 0x01, 0x8E]); // DISCONNECT, session taken over
             match w.read(&mut buf).unwrap() {
                 Some(Incoming::Publish {
                     topic,
@@ -364,6 +373,10 @@ mod tests {
                 w.read(&mut buf).unwrap(),
                 Some(Incoming::Disconnect { .. })
             ));
+            match w.read(&mut buf).unwrap() {
+                Some(Incoming::Disconnect { reason }) => assert!(reason.contains("8E"), "{reason}"),
+                other => panic!("{protocol:?}: {other:?}"),
+            }
             assert!(buf.is_empty());
         }
     }
