@@ -78,6 +78,9 @@ pub struct SourceEvent {
     pub acks_queued: AtomicU64,
     /// Acknowledgements written to the connection.
     pub acks_written: AtomicU64,
+    /// Publishes the broker resent on the same connection before we acknowledged them
+    /// (dropped: the first copy's acknowledgement covers them).
+    pub resent_on_connection: AtomicU64,
 }
 
 /// Sends acknowledgements for committed messages. Cheap to clone.
@@ -381,6 +384,7 @@ async fn connection(
         ping_outstanding: AtomicBool::new(false),
         reader_waiting: AtomicBool::new(false),
         bytes_read: AtomicU64::new(0),
+        in_flight: PacketIds::default(),
     };
     let (comp_tx, comp_rx) = mpsc::unbounded_channel();
     let reader = read_half(ctx, &link, rd, inbuf, comp_tx);
@@ -402,6 +406,8 @@ struct Link {
     reader_waiting: AtomicBool,
     /// Bytes read so far: any byte from the broker shows the connection is alive.
     bytes_read: AtomicU64,
+    /// Packet ids delivered on this connection and not yet acknowledged.
+    in_flight: PacketIds,
 }
 
 fn subscribed(ctx: &Ctx) {
@@ -460,6 +466,16 @@ async fn read_half<R: AsyncRead + Unpin>(
             } => {
                 if ctx.stop_intake.is_cancelled() {
                     // Neither forwarded nor acknowledged: the broker keeps it for next time.
+                    continue;
+                }
+                // A broker may resend an unacknowledged publish on the same connection (MQTT
+                // 3.1.1 allows it). The first copy is still on its way to a commit and its
+                // acknowledgement covers both; a second token for the same packet id could
+                // later acknowledge a newer message that reuses the id. So the copy is dropped.
+                if qos > 0 && !link.in_flight.insert(pkid) {
+                    ctx.events
+                        .resent_on_connection
+                        .fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let record = RawRecord {
@@ -585,6 +601,28 @@ async fn write_half<W: AsyncWrite + Unpin>(
     }
 }
 
+/// A set of MQTT packet ids (1..=65535), shared by the reader and the writer without a lock.
+struct PacketIds([AtomicU64; 1024]);
+
+impl Default for PacketIds {
+    fn default() -> Self {
+        PacketIds(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl PacketIds {
+    /// Adds `id`; false if it was there already.
+    fn insert(&self, id: u16) -> bool {
+        let bit = 1u64 << (id % 64);
+        self.0[usize::from(id / 64)].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+
+    fn remove(&self, id: u16) {
+        let bit = 1u64 << (id % 64);
+        self.0[usize::from(id / 64)].fetch_and(!bit, Ordering::AcqRel);
+    }
+}
+
 /// Encodes the acknowledgements of this connection's epoch; counts and drops the rest.
 fn encode_acks(
     ctx: &Ctx,
@@ -596,6 +634,8 @@ fn encode_acks(
     for t in batches.flatten() {
         if t.epoch == link.epoch {
             ctx.wire.ack(t.qos, t.pkid, out);
+            // From here the broker may reuse the id: a publish with it is a new message.
+            link.in_flight.remove(t.pkid);
             n += 1;
         } else {
             ctx.events.stale_acks.fetch_add(1, Ordering::Relaxed);
@@ -616,6 +656,16 @@ mod tests {
         );
         assert_eq!(claimed_device("telemetry/site/env/"), None);
         assert_eq!(claimed_device("nolevels"), None);
+    }
+
+    #[test]
+    fn packet_ids_are_a_set() {
+        let ids = PacketIds::default();
+        assert!(ids.insert(1) && ids.insert(65535) && ids.insert(64));
+        assert!(!ids.insert(1), "already there");
+        ids.remove(1);
+        assert!(ids.insert(1));
+        assert!(!ids.insert(65535) && !ids.insert(64));
     }
 
     #[test]
