@@ -1,7 +1,7 @@
 //! The one boundary between the async runtime and rayon.
 //!
 //! Tokio worker threads must never run long CPU work: a transform of 30,000 readings takes
-//! tens of milliseconds, during which the MQTT event loop and the metrics endpoint sharing that
+//! tens of milliseconds, during which the MQTT connection and the metrics endpoint sharing that
 //! worker would stall. So CPU work over whole batches goes to rayon's pool through [`run`],
 //! and the async side awaits a oneshot. Nothing else calls rayon from async code.
 

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::hash::{DefaultHasher, Hasher};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -17,10 +16,10 @@ use arrow::array::{
     ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array, new_null_array,
 };
 use arrow::array::{Float64Array, as_string_array};
-use arrow::row::{RowConverter, SortField};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sensorlake_core::{DeviceCheckpoint, FlushCounts, TelemetrySchema, columns};
 use sensorlake_sink::{Flush, Lake, LakeOptions};
+use sensorlake_testkit::RowChecksum;
 
 /// 2020-01-01T10:00:00Z, an hour long closed.
 const HOUR: i64 = 1_577_872_800_000_000;
@@ -177,30 +176,17 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Rows and an order-independent checksum (wrapping sum of a hash of each row's values) of
 /// every Parquet file of the telemetry table; each must open.
 fn content(lake: &Path) -> (usize, u64) {
-    let (mut rows, mut sum) = (0, 0u64);
+    let mut sum = RowChecksum::default();
     for file in files(&lake.join("telemetry")) {
         let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&file).unwrap())
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
             .build()
             .unwrap();
         for batch in reader {
-            let batch = batch.unwrap();
-            let fields = batch
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect();
-            let converter = RowConverter::new(fields).unwrap();
-            for row in converter.convert_columns(batch.columns()).unwrap().iter() {
-                let mut hasher = DefaultHasher::new();
-                hasher.write(row.as_ref());
-                sum = sum.wrapping_add(hasher.finish());
-                rows += 1;
-            }
+            sum.add(&batch.unwrap());
         }
     }
-    (rows, sum)
+    (sum.rows, sum.sum)
 }
 
 /// `(device_id, ts)` of every row of the partition, file after file in name order.

@@ -157,6 +157,43 @@ impl S3Scenario {
             .map(|d| d.count())
             .unwrap_or(0)
     }
+
+    /// What every S3 test ends with: the pipeline stops on SIGTERM with status 0, `verify`
+    /// found the lake under `prefix` exact, and no temporary object or open multipart upload
+    /// is left. `what` opens every message (the seed, the faults).
+    fn assert_ends_clean(
+        &self,
+        p: &mut Pipeline,
+        prefix: &str,
+        (exact, report): (bool, String),
+        what: &str,
+    ) {
+        assert!(
+            p.terminate().success(),
+            "{what}: SIGTERM must exit 0:\n{}",
+            p.log_text()
+        );
+        assert!(
+            exact,
+            "{what}: the lake holds every reading once:\n{report}"
+        );
+        assert_eq!(
+            self.stray_tmp(prefix),
+            0,
+            "{what}: temporary objects left behind: {:?}\n{}",
+            walk_names(&self.copy.join("_sensorlake/tmp")),
+            p.log_text()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(
+            self.moto.open_uploads(Self::BUCKET),
+            0,
+            "{what}: multipart uploads left open"
+        );
+    }
 }
 
 /// A crash at each named point of the commit protocol, then SIGKILLs at seeded random moments
@@ -216,25 +253,12 @@ fn a_lake_on_s3_survives_sigkills_at_random_moments_and_ends_exact() {
     );
     let sent = manifest_messages(&sc.manifest);
     assert_eq!(sent, sent_target, "seed {seed}");
-    let (exact, report) = sc.verify_eventually("kills", Duration::from_secs(180));
-    assert!(
-        p.terminate().success(),
-        "seed {seed}: SIGTERM must exit 0:\n{}",
-        p.log_text()
-    );
-    assert!(
-        exact,
-        "seed {seed}: after {kills} SIGKILLs the S3 lake holds every reading once:\n{report}"
-    );
-    assert_eq!(
-        sc.stray_tmp("kills"),
-        0,
-        "seed {seed}: temporary objects left behind"
-    );
-    assert_eq!(
-        sc.moto.open_uploads(S3Scenario::BUCKET),
-        0,
-        "seed {seed}: multipart uploads left open"
+    let verdict = sc.verify_eventually("kills", Duration::from_secs(180));
+    sc.assert_ends_clean(
+        &mut p,
+        "kills",
+        verdict,
+        &format!("seed {seed}, after {kills} SIGKILLs"),
     );
     eprintln!(
         "seed {seed}: a crash at each of {:?}, {kills} SIGKILLs, {sent} readings, exact",
@@ -259,16 +283,9 @@ fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
     assert_eq!(manifest_messages(&sc.manifest), SENT);
 
     let mut p = sc.pipeline("site-a/lake", &env);
-    let (exact, report) = sc.verify_eventually("site-a/lake", Duration::from_secs(120));
-    assert!(
-        p.terminate().success(),
-        "SIGTERM must exit 0:\n{}",
-        p.log_text()
-    );
-    assert!(
-        exact,
-        "after a SIGKILL the S3 lake holds every reading once:\n{report}"
-    );
+    let verdict = sc.verify_eventually("site-a/lake", Duration::from_secs(120));
+    let report = verdict.1.clone();
+    sc.assert_ends_clean(&mut p, "site-a/lake", verdict, "after a SIGKILL");
 
     // `verify` reads the bucket itself — configured this time by an AWS CLI profile alone
     // (`~/.aws/config` and `~/.aws/credentials`, no AWS_* variable), as `aws s3` would be.
@@ -307,11 +324,6 @@ fn a_lake_on_s3_survives_a_sigkill_and_ends_exact() {
     assert!(
         report.contains(direct.trim()),
         "verify on s3:// reports what it reports on a copy:\n{direct}\nvs\n{report}"
-    );
-    assert_eq!(
-        sc.stray_tmp("site-a/lake"),
-        0,
-        "no temporary objects are left behind"
     );
 }
 
@@ -501,7 +513,7 @@ fn a_lake_on_s3_ends_exact_with_30pct_of_requests_failing() {
         sim.wait().unwrap().success(),
         "seed {seed}: the simulator failed"
     );
-    let (exact, report) = sc.verify_eventually("flaky", Duration::from_secs(180));
+    let verdict = sc.verify_eventually("flaky", Duration::from_secs(180));
     let peak = p.peak_rss();
     let counts = proxy.counts();
     let log = p.log_text();
@@ -509,27 +521,15 @@ fn a_lake_on_s3_ends_exact_with_30pct_of_requests_failing() {
         log.matches("Commit failed").count(),
         log.matches("Lake reopened").count(),
     );
-    assert!(
-        p.terminate().success(),
-        "seed {seed}: SIGTERM must exit 0:\n{log}"
-    );
-    assert!(
-        exact,
-        "seed {seed}: with 30% of requests failing ({counts}) the lake holds every reading once:\n{report}"
+    sc.assert_ends_clean(
+        &mut p,
+        "flaky",
+        verdict,
+        &format!("seed {seed}, 30% of requests failing ({counts})"),
     );
     assert!(
         proxy.faults.failed.load(Relaxed) >= 50 && proxy.faults.lost.load(Relaxed) >= 20,
         "seed {seed}: too few faults injected to mean anything: {counts}"
-    );
-    assert_eq!(
-        sc.stray_tmp("flaky"),
-        0,
-        "seed {seed}: temporary objects left behind: {:?}\n{}",
-        walk_names(&sc.copy.join("_sensorlake/tmp")),
-        log.lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .collect::<Vec<_>>()
-            .join("\n")
     );
     assert!(
         peak < RSS_BOUND,
@@ -571,14 +571,9 @@ fn a_lake_on_s3_rides_out_a_store_outage_with_bounded_memory() {
     assert!(sim.wait().unwrap().success(), "the simulator failed");
     assert_eq!(manifest_messages(&sc.manifest), sent);
 
-    let (exact, report) = sc.verify_eventually("outage", Duration::from_secs(180));
+    let verdict = sc.verify_eventually("outage", Duration::from_secs(180));
     let peak = p.peak_rss();
     let counts = proxy.counts();
-    assert!(
-        p.terminate().success(),
-        "SIGTERM must exit 0:\n{}",
-        p.log_text()
-    );
     assert_eq!(
         before, during,
         "nothing can be written while the store is down ({counts})"
@@ -587,15 +582,11 @@ fn a_lake_on_s3_rides_out_a_store_outage_with_bounded_memory() {
         proxy.faults.refused.load(Relaxed) > 0,
         "the pipeline kept trying during the outage: {counts}"
     );
-    assert!(
-        exact,
-        "after a {outage:?} outage the lake holds every reading once:\n{report}"
-    );
-    assert_eq!(sc.stray_tmp("outage"), 0, "temporary objects left behind");
-    assert_eq!(
-        sc.moto.open_uploads(S3Scenario::BUCKET),
-        0,
-        "multipart uploads left open"
+    sc.assert_ends_clean(
+        &mut p,
+        "outage",
+        verdict,
+        &format!("after a {outage:?} outage ({counts})"),
     );
     assert!(
         peak < RSS_BOUND,

@@ -1,16 +1,15 @@
 //! Compaction on every kind of store (the conformance fixture and its `on_every_store!`), plus
 //! local-only cases that plant hand-made files in a partition.
 
-use std::hash::{DefaultHasher, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
-use arrow::row::{RowConverter, SortField};
 use futures_util::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sensorlake_core::columns;
+use sensorlake_testkit::RowChecksum;
 
 use crate::conformance::{Backend, Fx, on_every_store};
 use crate::test_util::{DAY_US, HOUR_US, T0, fast_options, telemetry_batch};
@@ -129,25 +128,13 @@ fn small_commits(
 /// Rows and an order-independent checksum (the wrapping sum of a hash of each row's values)
 /// of every file below `dir`; every file must open.
 fn content(fx: &Fx, dir: &str) -> (usize, u64) {
-    let (mut rows, mut sum) = (0, 0u64);
+    let mut sum = RowChecksum::default();
     for file in fx.files(dir) {
         for batch in read(fx, &file) {
-            let fields = batch
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect();
-            let converter = RowConverter::new(fields).unwrap();
-            for row in converter.convert_columns(batch.columns()).unwrap().iter() {
-                let mut hasher = DefaultHasher::new();
-                hasher.write(row.as_ref());
-                sum = sum.wrapping_add(hasher.finish());
-                rows += 1;
-            }
+            sum.add(&batch);
         }
     }
-    (rows, sum)
+    (sum.rows, sum.sum)
 }
 
 /// Both tables.
@@ -603,14 +590,21 @@ fn a_partition_over_the_merge_memory_is_merged_in_groups() {
     assert_eq!(lake_content(&fx), before);
 }
 
-#[test]
-fn an_output_lost_after_the_commit_point_stops_compaction_for_a_human() {
+/// A local lake of three small files in an old hour whose compaction crashed right after
+/// writing its record: outputs under temporary names, inputs in place.
+fn compaction_interrupted_at_its_commit_point() -> Fx {
     let fx = Fx::local();
     small_commits(&fx, "w0", OLD, 3, 1, 10, false);
     try_compactor(&fx)
         .unwrap()
         .crash_after(&opts(1 << 20), CompactStep::RecordWritten)
         .unwrap();
+    fx
+}
+
+#[test]
+fn an_output_lost_after_the_commit_point_stops_compaction_for_a_human() {
+    let fx = compaction_interrupted_at_its_commit_point();
     std::fs::remove_file(
         root(&fx).join("_sensorlake/compactions/tmp/00000000000000000000/0.parquet"),
     )
@@ -650,12 +644,7 @@ fn compacting_a_folder_that_is_no_lake_fails_and_creates_nothing() {
 
 #[test]
 fn a_file_that_lands_during_a_compaction_is_left_alone() {
-    let fx = Fx::local();
-    small_commits(&fx, "w0", OLD, 3, 1, 10, false);
-    try_compactor(&fx)
-        .unwrap()
-        .crash_after(&opts(1 << 20), CompactStep::RecordWritten)
-        .unwrap();
+    let fx = compaction_interrupted_at_its_commit_point();
     // A late reading for the old hour, committed after the compaction's plan.
     let (mut lake, _) = fx.open("w1");
     lake.commit(&fx.flush(&[("late", OLD + 7, 1)], &[]).flush())

@@ -267,13 +267,19 @@ fn a_crash_after_the_commit_point_is_published_exactly_once(fx: Fx) {
     let (lake, recovered) = fx.open("w0");
     assert_eq!(recovered.last_commit, Some(0));
     assert_eq!(recovered.files_made_visible, 3);
+    assert_eq!(recovered.files_removed, 0);
+    assert_eq!(recovered.devices["a"].seq, 2);
+    assert_eq!(recovered.totals, t.counts);
     let mut paths: Vec<_> = summary.files.iter().map(|f| f.path.clone()).collect();
     paths.sort();
     assert_eq!(fx.visible(), paths);
     assert!(fx.files("_sensorlake/tmp").is_empty());
+    assert_eq!(lake.next_commit(), 1);
     drop(lake);
+    // Exactly once: a second recovery has nothing left to do.
     let (_, again) = fx.open("w0");
     assert_eq!((again.files_made_visible, again.files_removed), (0, 0));
+    assert_eq!(fx.visible(), paths);
     assert_eq!(fx.telemetry_rows(), 2);
 }
 

@@ -425,6 +425,13 @@ impl Lake {
         &self.options
     }
 
+    /// Whether the lake is on an object store rather than a local folder. After a
+    /// [`SinkError::Poisoned`] commit only an object store can be reopened in-process to learn
+    /// the outcome; on a folder the cause is a failed fsync, which nothing can undo.
+    pub fn is_object_store(&self) -> bool {
+        matches!(self.store, Store::Object(_))
+    }
+
     #[cfg(test)]
     pub(crate) fn set_failpoint(&mut self, failpoint: Option<Failpoint>) {
         self.failpoint = failpoint;

@@ -306,35 +306,6 @@ fn recovery_removes_the_files_of_a_flush_that_crashed_before_its_commit_point() 
 }
 
 #[test]
-fn recovery_publishes_the_files_of_a_flush_that_crashed_after_its_commit_point_exactly_once() {
-    let fx = Fixture::new();
-    let (lake, _) = fx.open("w0");
-    let t = fx.flush(&[("a", T0, 1), ("a", T0 + HOUR_US, 2)], &[T0]);
-    let summary = lake
-        .crash_after(&t.flush(), CommitStep::RecordWritten)
-        .unwrap();
-    assert!(fx.visible().is_empty(), "files still under temporary names");
-
-    let (lake, recovered) = fx.open("w0");
-    assert_eq!(recovered.last_commit, Some(0));
-    assert_eq!(recovered.files_made_visible, 3);
-    assert_eq!(recovered.files_removed, 0);
-    assert_eq!(recovered.devices["a"].seq, 2);
-    assert_eq!(recovered.totals, t.counts);
-    let mut paths: Vec<_> = summary.files.iter().map(|f| f.path.clone()).collect();
-    paths.sort();
-    assert_eq!(fx.visible(), paths);
-    assert!(fx.tmp_files().is_empty());
-    assert_eq!(lake.next_commit(), 1);
-    drop(lake);
-
-    let (_, again) = fx.open("w0");
-    assert!(recovered_nothing(&again), "{again:?}");
-    assert_eq!(fx.visible(), paths);
-    assert_eq!(fx.telemetry_rows(), 2);
-}
-
-#[test]
 fn recovery_after_the_files_are_visible_has_nothing_to_do() {
     let fx = Fixture::new();
     let (lake, _) = fx.open("w0");

@@ -4,7 +4,7 @@
 //! are appended; when the [`FlushPolicy`] says so (or the age timer fires, or shutdown comes),
 //! the batch is transformed on the rayon pool, committed to the lake on a blocking thread,
 //! and only then acknowledged, in receive order. While a flush runs nothing new is taken from
-//! the channel: it fills, the event loop stops reading, and the broker stops sending — memory
+//! the channel: it fills, the MQTT reader stops reading, and the broker stops sending — memory
 //! stays bounded by the channel, the batch and the broker's window.
 //!
 //! A failed commit is retried with the same batch (same commit number, same files) with a
@@ -166,6 +166,16 @@ struct Stages {
     reopen: LakeSpec,
 }
 
+/// What reopening the lake after an unknown commit outcome found.
+enum Reopened {
+    /// The commit is in the lake, as this flush.
+    Committed(sensorlake_sink::CommitSummary),
+    /// It is not: commit the flush again.
+    NotCommitted,
+    /// The lake could not be opened; try again.
+    OpenFailed(SinkError),
+}
+
 /// Everything [`Lake::open`] needs.
 #[derive(Clone)]
 struct LakeSpec {
@@ -176,14 +186,6 @@ struct LakeSpec {
 }
 
 impl LakeSpec {
-    /// Whether the lake is on an object store (a URL other than `file://`) rather than a folder.
-    fn is_object_store(&self) -> bool {
-        self.path
-            .to_str()
-            .and_then(|p| p.split_once("://"))
-            .is_some_and(|(scheme, _)| scheme != "file")
-    }
-
     fn of(config: &Config, schema: Arc<TelemetrySchema>) -> Self {
         Self {
             path: config.lake.path.clone(),
@@ -354,62 +356,71 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Stages {
-    /// Drops the lake and opens it again, retrying until recovery has run. Returns the
-    /// summary of commit `commit` if recovery found it in the lake (the flush is committed),
-    /// `None` if not (the caller commits the same flush again).
-    async fn reopen_lake(
+    /// One attempt at committing `output`.
+    async fn commit_once(
         &mut self,
-        commit: u64,
-        rows: u64,
-    ) -> Result<Option<sensorlake_sink::CommitSummary>, PipelineError> {
+        output: Arc<TransformOutput>,
+    ) -> Result<Result<sensorlake_sink::CommitSummary, SinkError>, PipelineError> {
+        let mut lake = self
+            .lake
+            .take()
+            .expect("the lake is returned after every commit");
+        let (lake, result) = tokio::task::spawn_blocking(move || {
+            let sources = serde_json::Value::Null;
+            let flush = Flush {
+                telemetry: std::slice::from_ref(&output.telemetry),
+                dead_letters: std::slice::from_ref(&output.dead_letters),
+                counts: &output.counts,
+                devices: &output.devices,
+                sources: &sources,
+            };
+            let r = lake.commit(&flush);
+            (lake, r)
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))?;
+        self.lake = Some(lake);
+        Ok(result)
+    }
+
+    /// Opens the lake again after commit `commit` ended with an unknown outcome, and lets
+    /// recovery say what became of it: [`Reopened::Committed`] when it is in the lake as this
+    /// flush (the same number, the same rows), [`Reopened::NotCommitted`] when it is not. A commit there that is not this flush means another process writes as this
+    /// writer id: an error that stops the pipeline, since acknowledging would lose the flush.
+    /// A failure to open leaves `self.lake` empty, for the next attempt.
+    async fn reopen_lake(&mut self, commit: u64, rows: u64) -> Result<Reopened, PipelineError> {
         self.lake = None;
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let started = Instant::now();
-        loop {
-            match self.reopen.open().await {
-                Ok((lake, recovered)) => {
-                    self.lake = Some(lake);
-                    let last = recovered.last_summary.filter(|s| s.commit >= commit);
-                    return match last {
-                        // Ours: the same number, the same rows.
-                        Some(s) if s.commit == commit && s.rows == rows => {
-                            info!(commit, "Lake reopened: the commit is in the lake");
-                            Ok(Some(s))
-                        }
-                        // A commit that is not this flush's: another process writes as this
-                        // writer id. Acknowledging would lose this flush.
-                        Some(s) => Err(PipelineError::OpenLake(SinkError::Poisoned {
-                            commit,
-                            cause: format!(
-                                "after reopening, commit {} ({} rows) is not this flush ({rows} rows): \
-                                 another process writes with this writer id; give each instance its own",
-                                s.commit, s.rows
-                            ),
-                        })),
-                        None => {
-                            info!(
-                                commit,
-                                "Lake reopened: the commit is not in the lake; committing again"
-                            );
-                            Ok(None)
-                        }
-                    };
+        let (lake, recovered) = match self.reopen.open().await {
+            Ok(opened) => opened,
+            Err(PipelineError::OpenLake(e)) => return Ok(Reopened::OpenFailed(e)),
+            Err(other) => return Err(other),
+        };
+        self.lake = Some(lake);
+        Ok(
+            match recovered.last_summary.filter(|s| s.commit >= commit) {
+                Some(s) if s.commit == commit && s.rows == rows => {
+                    info!(commit, "Lake reopened: the commit is in the lake");
+                    Reopened::Committed(s)
                 }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    error!(error = %e, retry_in_ms = delay.as_millis() as u64,
-                           "Reopening the lake failed; nothing of this batch is acknowledged, retrying");
-                    let over_budget = self.retry_budget.is_some_and(|b| started.elapsed() >= b);
-                    if over_budget
-                        || (self.shutdown.is_cancelled()
-                            && started.elapsed() >= self.shutdown_timeout)
-                    {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(delay).await;
+                Some(s) => {
+                    return Err(PipelineError::OpenLake(SinkError::Poisoned {
+                        commit,
+                        cause: format!(
+                            "after reopening, commit {} ({} rows) is not this flush ({rows} rows): \
+                         another process writes with this writer id; give each instance its own",
+                            s.commit, s.rows
+                        ),
+                    }));
                 }
-            }
-        }
+                None => {
+                    info!(
+                        commit,
+                        "Lake reopened: the commit is not in the lake; committing again"
+                    );
+                    Reopened::NotCommitted
+                }
+            },
+        )
     }
 
     /// Transforms, commits and acknowledges everything pending.
@@ -493,52 +504,46 @@ impl Stages {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut gave_up_at: Option<Instant> = None;
         let mut failing_since: Option<Instant> = None;
+        // Set while the outcome of this commit number is unknown: the lake must be reopened,
+        // and recovery asked, before anything else.
+        let mut unknown: Option<u64> = None;
+        let rows = (output.telemetry.num_rows() + output.dead_letters.num_rows()) as u64;
         loop {
-            let mut lake = self
-                .lake
-                .take()
-                .expect("the lake is returned after every commit");
-            let out = output.clone();
-            let (lake, result) = tokio::task::spawn_blocking(move || {
-                let sources = serde_json::Value::Null;
-                let flush = Flush {
-                    telemetry: std::slice::from_ref(&out.telemetry),
-                    dead_letters: std::slice::from_ref(&out.dead_letters),
-                    counts: &out.counts,
-                    devices: &out.devices,
-                    sources: &sources,
-                };
-                let r = lake.commit(&flush);
-                (lake, r)
-            })
-            .await
-            .map_err(|e| PipelineError::Internal(e.to_string()))?;
-            self.lake = Some(lake);
-            let e = match result {
-                Ok(summary) => return Ok(summary),
-                // On a folder, an unknown outcome means fsyncing the commits folder failed:
-                // the disk reports I/O errors, and nothing done in this process can prove the
-                // record durable afterwards. Stop, unacknowledged; a restart's recovery decides.
-                Err(e @ SinkError::Poisoned { .. }) if !self.reopen.is_object_store() => {
-                    metrics::counter!("sensorlake_commit_errors_total").increment(1);
-                    return Err(PipelineError::LakeNeedsRecovery(e));
-                }
-                // On an object store (a lost response to the record's conditional put, say):
-                // reopen the lake and let recovery decide from what the store holds. Nothing is
-                // acknowledged meanwhile; a flush found not committed counts as a failed attempt.
-                Err(e @ SinkError::Poisoned { .. }) => {
-                    let SinkError::Poisoned { commit, cause } = &e else {
-                        unreachable!("matched above")
-                    };
-                    warn!(commit, cause = %cause,
-                          "Commit outcome unknown; reopening the lake so that recovery decides");
-                    let rows = output.telemetry.num_rows() + output.dead_letters.num_rows();
-                    if let Some(summary) = self.reopen_lake(*commit, rows as u64).await? {
-                        return Ok(summary);
+            let e = match unknown {
+                Some(commit) => match self.reopen_lake(commit, rows).await? {
+                    Reopened::Committed(summary) => return Ok(summary),
+                    // Not in the lake: the next attempt commits the flush again (the failed
+                    // attempt was counted when its outcome came back unknown).
+                    Reopened::NotCommitted => {
+                        unknown = None;
+                        continue;
                     }
-                    e
-                }
-                Err(e) => e,
+                    Reopened::OpenFailed(e) => e,
+                },
+                None => match self.commit_once(output.clone()).await? {
+                    Ok(summary) => return Ok(summary),
+                    // On a folder, an unknown outcome means fsyncing the commits folder
+                    // failed: the disk reports I/O errors, and nothing done in this process
+                    // can prove the record durable afterwards. Stop, unacknowledged; a
+                    // restart's recovery decides.
+                    Err(e @ SinkError::Poisoned { .. })
+                        if !self.lake.as_ref().is_some_and(Lake::is_object_store) =>
+                    {
+                        metrics::counter!("sensorlake_commit_errors_total").increment(1);
+                        return Err(PipelineError::LakeNeedsRecovery(e));
+                    }
+                    // On an object store (a lost response to the record's conditional put,
+                    // say): reopen the lake and let recovery decide from what the store holds.
+                    // Nothing is acknowledged meanwhile, and the attempt counts as failed
+                    // (backoff, retry budget, shutdown deadline) like any other.
+                    Err(e @ SinkError::Poisoned { .. }) => {
+                        if let SinkError::Poisoned { commit, .. } = &e {
+                            unknown = Some(*commit);
+                        }
+                        e
+                    }
+                    Err(e) => e,
+                },
             };
             metrics::counter!("sensorlake_commit_errors_total").increment(1);
             let delay = backoff.next_delay();

@@ -4,6 +4,8 @@
 //!
 //! - [`Moto`]: `moto_server` (PyPI `moto[server]`) as S3;
 //! - [`Azurite`]: Azurite (npm `azurite`), Microsoft's Azure Blob Storage emulator.
+//!
+//! Plus [`RowChecksum`], for tests that check a rewrite kept the content of a table.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -247,5 +249,36 @@ impl Drop for Azurite {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Rows and an order-independent checksum of them (the wrapping sum of a hash of each row's
+/// values): equal before and after a rewrite that moves rows between files and reorders them,
+/// different if a row is lost, doubled or changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowChecksum {
+    /// Rows seen.
+    pub rows: usize,
+    /// The wrapping sum of the rows' hashes.
+    pub sum: u64,
+}
+
+impl RowChecksum {
+    /// Adds every row of `batch`.
+    pub fn add(&mut self, batch: &arrow::array::RecordBatch) {
+        use std::hash::{DefaultHasher, Hasher};
+        let fields = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| arrow::row::SortField::new(f.data_type().clone()))
+            .collect();
+        let converter = arrow::row::RowConverter::new(fields).unwrap();
+        for row in converter.convert_columns(batch.columns()).unwrap().iter() {
+            let mut hasher = DefaultHasher::new();
+            hasher.write(row.as_ref());
+            self.sum = self.sum.wrapping_add(hasher.finish());
+            self.rows += 1;
+        }
     }
 }

@@ -73,7 +73,7 @@ pub struct MqttConfig {
     /// The password, from the environment only (never serialized, never logged).
     #[serde(skip)]
     pub password: Option<String>,
-    /// Messages buffered between the MQTT event loop and the pipeline.
+    /// Messages buffered between the MQTT connection and the pipeline.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
 }

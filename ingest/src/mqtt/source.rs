@@ -481,7 +481,8 @@ async fn read_half<R: AsyncRead + Unpin>(
                 let record = RawRecord {
                     payload,
                     claimed_device_id: claimed_device(&topic),
-                    position: Box::from(topic),
+                    // The decoded topic is exactly sized: no second copy.
+                    position: topic.into_boxed_str(),
                     received_at_us: now_us(),
                 };
                 let ack = AckToken {
