@@ -61,6 +61,7 @@ fn input() -> Input {
             position: m.topic.into_boxed_str(),
             payload: m.payload.into(),
             received_at_us: NOW_MS * 1000,
+            rejected: None,
         });
     }
     let payload_bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sensorlake_ingest::MqttProtocol;
-use sensorlake_simulator::{FleetSpec, Manifest, SimStats, SimulateOptions};
+use sensorlake_simulator::{FleetSpec, KinesisOptions, Manifest, SimStats, SimulateOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -43,7 +43,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the pipeline: subscribe, validate, enrich, write Parquet, acknowledge after commit.
     Run(RunArgs),
-    /// Publish simulated telemetry v1 to an MQTT broker and write a manifest of what was sent.
+    /// Publish simulated telemetry v1 to an MQTT broker or a Kinesis stream and write a manifest
+    /// of what was sent.
     Simulate(SimulateArgs),
     /// Check that a lake holds exactly what a simulator manifest says was sent.
     Verify(VerifyArgs),
@@ -66,8 +67,17 @@ pub struct RunArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Broker URL, mqtt://HOST:PORT (overrides mqtt.url).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kinesis")]
     pub mqtt: Option<String>,
+    /// Read this Kinesis stream (name or ARN) instead of MQTT (overrides kinesis.stream).
+    /// Region, credentials and endpoint come from the AWS environment (AWS_REGION, AWS_PROFILE,
+    /// AWS_ENDPOINT_URL_KINESIS, ...).
+    #[arg(long, value_name = "STREAM_NAME_OR_ARN")]
+    pub kinesis: Option<String>,
+    /// Share the stream's shards with other consumers through this DynamoDB lease table
+    /// (overrides kinesis.lease_table).
+    #[arg(long, requires = "kinesis")]
+    pub lease_table: Option<String>,
     /// Topic filter to subscribe to; repeat for several (overrides mqtt.topics).
     #[arg(long = "topic")]
     pub topics: Vec<String>,
@@ -103,6 +113,17 @@ pub struct SimulateArgs {
     /// Broker URL, mqtt://HOST:PORT.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt: String,
+    /// Publish to this Kinesis stream (name or ARN) instead of MQTT, with PutRecords; region,
+    /// credentials and endpoint come from the AWS environment (AWS_REGION, AWS_PROFILE,
+    /// AWS_ENDPOINT_URL_KINESIS, ...).
+    #[arg(long, value_name = "STREAM_NAME_OR_ARN", conflicts_with_all = ["mqtt", "qos", "client_id"])]
+    pub kinesis: Option<String>,
+    /// With --kinesis: share of readings sent inside KPL aggregates, 0.0-1.0.
+    #[arg(long, default_value_t = 0.0, requires = "kinesis")]
+    pub kpl_share: f64,
+    /// With --kinesis: readings per KPL aggregate at most.
+    #[arg(long, default_value_t = 100, requires = "kinesis")]
+    pub kpl_max_records: usize,
     /// Number of devices in the fleet.
     #[arg(long, default_value_t = 500)]
     pub devices: usize,
@@ -115,7 +136,7 @@ pub struct SimulateArgs {
     /// Messages per second; omit for as fast as possible.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// QoS 0 or 1.
+    /// QoS 0 or 1 (MQTT).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
     /// Share of messages that are invalid, 0.0-1.0, cycling through every kind the spec names.
@@ -124,13 +145,13 @@ pub struct SimulateArgs {
     /// Random seed; the same seed publishes the same messages.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Write the manifest of what the broker acknowledged here.
+    /// Write the manifest of what the broker (or stream) acknowledged here.
     #[arg(long, default_value = "manifest.json")]
     pub manifest: PathBuf,
     /// Write the fleet's device registry CSV here.
     #[arg(long)]
     pub registry_out: Option<PathBuf>,
-    /// MQTT client id of the simulator.
+    /// MQTT client id of the simulator (MQTT).
     #[arg(long, default_value = "sensorlake-simulator")]
     pub client_id: String,
 }
@@ -251,7 +272,7 @@ pub fn init_logging(cli: &Cli) {
 /// Whatever the command failed with, with context.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(a) => run(a).await,
+        Command::Run(a) => Box::pin(run(a)).await,
         Command::Simulate(a) => simulate(a).await,
         // Blocking (file or object-store reads on the sink's own runtime): off the async side.
         Command::Verify(a) => tokio::task::spawn_blocking(move || verify(a)).await?,
@@ -272,6 +293,12 @@ async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut config = load_config(a.config.as_deref())?;
     if let Some(u) = a.mqtt {
         config.mqtt.url = u;
+    }
+    if let Some(k) = a.kinesis {
+        config.kinesis.stream = Some(k);
+    }
+    if let Some(t) = a.lease_table {
+        config.kinesis.lease_table = Some(t);
     }
     if !a.topics.is_empty() {
         config.mqtt.topics = a.topics;
@@ -302,7 +329,7 @@ async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let stats = Arc::new(PipelineStats::default());
-    pipeline::run(config, shutdown, stats).await?;
+    Box::pin(pipeline::run(config, shutdown, stats)).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -430,8 +457,22 @@ pub fn progress_bar(len: Option<u64>, what: &str) -> indicatif::ProgressBar {
 }
 
 async fn simulate(a: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let addr = sensorlake_ingest::mqtt::config::parse_url(&a.mqtt)
-        .map_err(|e| UsageError(e.to_string()))?;
+    let addr = match &a.kinesis {
+        Some(_) => None,
+        None => Some(
+            sensorlake_ingest::mqtt::config::parse_url(&a.mqtt)
+                .map_err(|e| UsageError(e.to_string()))?,
+        ),
+    };
+    if !(0.0..=1.0).contains(&a.kpl_share) {
+        bail!(UsageError(format!(
+            "--kpl-share {} must be between 0 and 1",
+            a.kpl_share
+        )));
+    }
+    if a.kpl_max_records == 0 {
+        bail!(UsageError("--kpl-max-records must be at least 1".into()));
+    }
     if !(0.0..=1.0).contains(&a.bad_ratio) {
         bail!(UsageError(format!(
             "--bad-ratio {} must be between 0 and 1",
@@ -455,22 +496,31 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &a.registry_out {
         write_registry(&spec, path)?;
     }
+    let defaults = SimulateOptions::default();
+    let (mqtt_host, mqtt_port) = addr.map_or((defaults.mqtt_host, defaults.mqtt_port), |a| {
+        (a.host, a.port)
+    });
     let opts = SimulateOptions {
-        mqtt_host: addr.host,
-        mqtt_port: addr.port,
+        mqtt_host,
+        mqtt_port,
         client_id: a.client_id,
         fleet: spec,
         readings,
         duration: a.duration,
         rate: a.rate,
         qos: a.qos,
+        kinesis: a.kinesis.map(|stream| KinesisOptions {
+            kpl_share: a.kpl_share,
+            kpl_max_records: a.kpl_max_records,
+            ..KinesisOptions::new(stream)
+        }),
         ..SimulateOptions::default()
     };
     let stats = Arc::new(SimStats::default());
     let manifest = match run_simulation(opts, stats).await {
         Ok(m) => m,
         Err(e) => {
-            // What the broker did confirm is still worth verifying against.
+            // What the broker or stream did confirm is still worth verifying against.
             if let Some(m) = e.partial_manifest() {
                 m.write(&a.manifest).with_context(|| {
                     format!(
@@ -479,7 +529,7 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<ExitCode> {
                     )
                 })?;
                 tracing::warn!(manifest = %a.manifest.display(), confirmed = m.messages,
-                               "Wrote a partial manifest of what the broker confirmed");
+                               "Wrote a partial manifest of what was confirmed");
             }
             return Err(e.into());
         }

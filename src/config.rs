@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use sensorlake_core::{DeviceTypeSpec, TelemetrySchema};
 use sensorlake_ingest::MqttConfig;
+use sensorlake_ingest::kinesis::KinesisConfig;
 use sensorlake_sink::LakeOptions;
 use sensorlake_transform::TransformConfig;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ pub struct Config {
     /// `[mqtt]`: the broker and subscription.
     #[serde(default)]
     pub mqtt: MqttConfig,
+    /// `[kinesis]`: a Kinesis stream to read instead of MQTT (when `stream` is set).
+    #[serde(default)]
+    pub kinesis: KinesisConfig,
     /// `[lake]`: where and how to write.
     #[serde(default)]
     pub lake: LakeConfig,
@@ -307,6 +311,9 @@ impl Config {
         self.mqtt
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.kinesis
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let schema = TelemetrySchema::try_new(
             self.device_types
                 .clone()
@@ -430,6 +437,34 @@ mod tests {
         assert_eq!(c.mqtt.topics, ["a/#", "b/#"]);
         assert_eq!(c.mqtt.password.as_deref(), Some("s3cret"));
         assert!(!c.to_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn kinesis_settings_come_from_the_file_and_the_environment_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[kinesis]\nstream = \"telemetry\"\nstart_position = \"latest\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&p),
+            env(&[("SENSORLAKE_KINESIS__LEASE_TABLE", "sensorlake-leases")]),
+        )
+        .unwrap();
+        assert_eq!(c.kinesis.stream.as_deref(), Some("telemetry"));
+        assert_eq!(
+            c.kinesis.start_position,
+            sensorlake_ingest::kinesis::StartPosition::Latest
+        );
+        assert_eq!(c.kinesis.lease_table.as_deref(), Some("sensorlake-leases"));
+        assert!(c.validate().is_ok());
+        assert!(c.to_toml().contains("[kinesis]"));
+        let bad =
+            Config::load(None, env(&[("SENSORLAKE_KINESIS__POLL_INTERVAL_MS", "50")])).unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("kinesis.poll_interval_ms"), "{e}");
     }
 
     #[test]

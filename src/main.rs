@@ -10,6 +10,9 @@ use sensorlake::commands::{self, Cli};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     commands::init_logging(&cli);
+    // Two rustls crypto providers are linked (object_store's and the AWS SDK's); rustls
+    // refuses to pick one, so every binary that talks TLS names it first.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     // `run` keeps its runtime to one thread. Its async side only moves bytes (the MQTT event
     // loop, the batcher, the metrics endpoint) while transforms run on rayon and commits on
     // blocking threads; on one thread a delivery wakes the batcher without a futex and a

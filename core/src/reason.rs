@@ -50,6 +50,9 @@ pub enum Reason {
     EmptyBatch,
     /// A batch message with more readings than the configured limit.
     TooManyReadings,
+    /// A Kinesis record that starts as a KPL aggregate but does not decode as one (bad
+    /// protobuf, MD5 mismatch): the whole record is one dead letter, never guessed at.
+    CorruptAggregate,
 }
 
 impl Reason {
@@ -75,6 +78,7 @@ impl Reason {
             Reason::TsTooOld => "ts_too_old",
             Reason::EmptyBatch => "empty_batch",
             Reason::TooManyReadings => "too_many_readings",
+            Reason::CorruptAggregate => "corrupt_aggregate",
         }
     }
 

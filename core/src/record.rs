@@ -40,6 +40,9 @@ pub struct RawRecord {
     pub position: Box<str>,
     /// When the source received it, microseconds since the Unix epoch (UTC).
     pub received_at_us: i64,
+    /// Set when the source already knows the record is bad (a corrupt KPL aggregate): the
+    /// transform writes it to the dead-letter table with this reason and detail, unparsed.
+    pub rejected: Option<Box<(crate::Reason, String)>>,
 }
 
 /// The committed state of one device, recorded in every commit that touches the device and

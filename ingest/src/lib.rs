@@ -8,6 +8,7 @@
 //! [`RawRecord`]: sensorlake_core::RawRecord
 
 pub mod backoff;
+pub mod kinesis;
 pub mod mqtt;
 
 pub use mqtt::{AckToken, Delivery, MqttAcker, MqttConfig, MqttProtocol, MqttSource};

@@ -9,7 +9,8 @@ use crate::manifest::Manifest;
 /// Everything that can go wrong in `simulate`, the manifest, or `verify`.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    /// The options make no sense (zero devices, QoS 2, a rate of 0); nothing was sent.
+    /// The options make no sense (zero devices, QoS 2, a rate of 0, an ARN that is not a
+    /// stream's); nothing was sent.
     #[error("invalid simulator options: {0}")]
     InvalidOptions(String),
 
@@ -71,6 +72,128 @@ pub enum SimError {
         /// Messages never confirmed.
         unconfirmed: u64,
         /// Messages handed to the client.
+        total: u64,
+        /// How long the run waited for the last confirmations.
+        waited: Duration,
+        /// What was confirmed, for the caller to write anyway.
+        manifest: Box<Manifest>,
+    },
+
+    /// No AWS region is configured for Kinesis; nothing was sent.
+    #[error(
+        "no AWS region for Kinesis stream {stream}: set AWS_REGION (or `region` in the AWS \
+         profile), or give the stream's ARN, which names its region"
+    )]
+    KinesisNoRegion {
+        /// The stream's name or ARN.
+        stream: String,
+    },
+
+    /// No AWS credentials were found for Kinesis; nothing was sent.
+    #[error(
+        "no AWS credentials for Kinesis stream {stream}: {detail}; set AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (a local kinesalite takes any non-empty values)"
+    )]
+    KinesisCredentials {
+        /// The stream's name or ARN.
+        stream: String,
+        /// What the credential chain reported.
+        detail: String,
+    },
+
+    /// The stream does not exist where the endpoint and region point; nothing was sent.
+    #[error(
+        "Kinesis stream {stream} does not exist at {endpoint}: create it (`aws kinesis \
+         create-stream --stream-name NAME --shard-count N`), or check the name, AWS_REGION and \
+         AWS_ENDPOINT_URL_KINESIS"
+    )]
+    KinesisStreamNotFound {
+        /// The stream's name or ARN.
+        stream: String,
+        /// The endpoint asked.
+        endpoint: String,
+    },
+
+    /// The stream exists but takes no records (CREATING, DELETING); nothing was sent.
+    #[error("Kinesis stream {stream} at {endpoint} is {status}; wait until it is ACTIVE")]
+    KinesisStreamNotActive {
+        /// The stream's name or ARN.
+        stream: String,
+        /// The endpoint asked.
+        endpoint: String,
+        /// Its status.
+        status: String,
+    },
+
+    /// The Kinesis endpoint did not answer; nothing was sent.
+    #[error(
+        "could not reach Kinesis at {endpoint} for stream {stream}: {detail}; check \
+         AWS_ENDPOINT_URL_KINESIS (or AWS_ENDPOINT_URL) and AWS_REGION, and that the service \
+         (or kinesalite) is running and reachable"
+    )]
+    KinesisUnreachable {
+        /// The stream's name or ARN.
+        stream: String,
+        /// The endpoint tried.
+        endpoint: String,
+        /// The transport failure and its causes.
+        detail: String,
+    },
+
+    /// Kinesis refused a request before anything was sent (access denied, a bad signature, an
+    /// invalid argument).
+    #[error("Kinesis {op} on stream {stream} at {endpoint} failed: {detail}; {hint}")]
+    KinesisRequest {
+        /// The operation, e.g. `DescribeStreamSummary`.
+        op: &'static str,
+        /// The stream's name or ARN.
+        stream: String,
+        /// The endpoint asked.
+        endpoint: String,
+        /// The service's error code and message, or the transport failure.
+        detail: String,
+        /// What to check.
+        hint: &'static str,
+    },
+
+    /// Publishing to Kinesis stopped part-way (the stream went away, access was revoked, or no
+    /// call succeeded for a long time). The manifest inside holds what Kinesis confirmed.
+    #[error(
+        "publishing to Kinesis stream {stream} at {endpoint} stopped after {confirmed} confirmed \
+         messages: {reason}; {unconfirmed} messages were not confirmed and are left out of the \
+         manifest (it lists them as unconfirmed)"
+    )]
+    KinesisFailed {
+        /// The stream's name or ARN.
+        stream: String,
+        /// The endpoint.
+        endpoint: String,
+        /// Messages confirmed before it stopped.
+        confirmed: u64,
+        /// Messages taken but never confirmed.
+        unconfirmed: u64,
+        /// What failed, and what to check.
+        reason: String,
+        /// What was confirmed, for the caller to write anyway.
+        manifest: Box<Manifest>,
+    },
+
+    /// Some messages were not written to the stream within the wait (their PutRecords entries
+    /// kept failing, or the run was stopped). The manifest inside holds the confirmed ones.
+    #[error(
+        "{unconfirmed} of {total} messages were not confirmed by Kinesis stream {stream} at \
+         {endpoint} within {waited:?}; they are left out of the manifest (it lists them as \
+         unconfirmed); check the stream's shards against the rate (a shard takes 1,000 records \
+         or 1 MiB per second) and its throttling"
+    )]
+    KinesisUnconfirmed {
+        /// The stream's name or ARN.
+        stream: String,
+        /// The endpoint.
+        endpoint: String,
+        /// Messages never confirmed.
+        unconfirmed: u64,
+        /// Messages taken by the transport.
         total: u64,
         /// How long the run waited for the last confirmations.
         waited: Duration,
@@ -178,9 +301,10 @@ impl SimError {
     /// should still write it, so that `verify` can check what did arrive.
     pub fn partial_manifest(&self) -> Option<&Manifest> {
         match self {
-            SimError::ConnectionLost { manifest, .. } | SimError::Unconfirmed { manifest, .. } => {
-                Some(manifest)
-            }
+            SimError::ConnectionLost { manifest, .. }
+            | SimError::Unconfirmed { manifest, .. }
+            | SimError::KinesisFailed { manifest, .. }
+            | SimError::KinesisUnconfirmed { manifest, .. } => Some(manifest),
             _ => None,
         }
     }

@@ -1,49 +1,42 @@
-//! `sensorlake simulate`: publishing a fleet's messages to an MQTT broker at a rate.
+//! `sensorlake simulate`: publishing a fleet's messages at a rate, to an MQTT broker or an
+//! Amazon Kinesis stream, and recording what was confirmed in a [`Manifest`].
 //!
-//! The shell is thin: a loop takes messages from the [`Fleet`], paces them with a token-bucket
-//! `Pacer` on tokio time, and hands them to a rumqttc [`AsyncClient`]; the client's event loop
-//! runs in its own task, which never awaits the client. That task matches broker confirmations
-//! to messages with an `AckTracker` (a pure struct) and feeds a [`ManifestBuilder`].
+//! Everything but the transport is shared: the [`Fleet`] makes the messages (good and bad),
+//! a token-bucket `Pacer` on tokio time spaces them, the loop stops at the reading or time
+//! limit or when told to, and at the end the run waits (up to [`ACK_WAIT`]) for the last
+//! confirmations. A transport (the crate-private `Transport` trait) only carries the messages
+//! and turns confirmations into the manifest:
+//! - `mqtt`: QoS 0 or 1 publishes through rumqttc; a message is confirmed by its
+//!   PUBACK (QoS 1) or once written (QoS 0);
+//! - [`kinesis`]: PutRecords batches, optionally KPL-aggregated; a message is
+//!   confirmed once PutRecords gave its record a sequence number.
 //!
-//! # What the manifest promises
-//! - **QoS 1**: a message is in the manifest once the broker acknowledged it (PUBACK). At the
-//!   end the run waits for all outstanding acknowledgements (up to [`ACK_WAIT`]); a message
-//!   never acknowledged is left out, listed as unconfirmed, and the run returns
-//!   [`SimError::Unconfirmed`] carrying the partial manifest.
-//! - **QoS 0**: a message is in the manifest once it was written to the connection. The broker
-//!   may still drop it (QoS 0 has no acknowledgement), so `verify` may then report it missing.
-//!
-//! How PUBACKs are matched: rumqttc takes requests from its channel in order and reports each
-//! QoS 1 publish it sends as `Outgoing::Publish(pkid)` (or `Outgoing::AwaitAck(pkid)` when
-//! that packet id is still in flight, followed by `Outgoing::Publish(pkid)` once it is freed).
-//! The loop queues each message's [`Expect`] *before* handing the message to the client, so
-//! the n-th such event belongs to the n-th queued expectation; `Incoming::PubAck(pkid)` then
-//! confirms it. The session is clean and a lost connection ends the run
-//! ([`SimError::ConnectionLost`]), so packet ids never refer to an earlier session.
+//! The manifest is the same either way, so `sensorlake verify` checks a lake fed from either.
+//! A message never confirmed is left out of it and listed as unconfirmed, and the run returns
+//! an error carrying the partial manifest ([`SimError::partial_manifest`]).
 
-use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::error::SimError;
-use crate::fleet::{Expect, Fleet, FleetSpec};
+use crate::fleet::{Fleet, FleetSpec, Message};
 use crate::manifest::{Manifest, ManifestBuilder};
+
+pub mod kinesis;
+mod mqtt;
+
+pub use kinesis::{KinesisClient, KinesisOptions};
+pub use mqtt::MAX_PACKET_BYTES;
 
 /// How long the run waits at the end for the last confirmations.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
-/// The largest MQTT packet the client sends or accepts: room for the 300 KB `too_large` payloads.
-pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
-/// Requests queued between the publishing loop and the event loop; a full queue slows the loop.
-const REQUEST_QUEUE: usize = 256;
-/// Seconds to wait for the TCP connection and the CONNACK.
-const CONNECT_TIMEOUT_SECS: u64 = 10;
 /// The pacer lets the loop catch up at most this far after a stall (the bucket's depth).
 const MAX_LAG_SECS: f64 = 0.05;
 
@@ -63,16 +56,18 @@ pub struct SimulateOptions {
     /// Stop after this long. With neither limit the run goes on until stopped
     /// ([`simulate_until`]).
     pub duration: Option<Duration>,
-    /// Messages per second; `None` publishes as fast as the broker takes them.
+    /// Messages per second; `None` publishes as fast as the broker or stream takes them.
     pub rate: Option<f64>,
-    /// 0 or 1.
+    /// 0 or 1 (MQTT only).
     pub qos: u8,
-    /// QoS 1 messages in flight (sent, not yet acknowledged) at most.
+    /// QoS 1 messages in flight (sent, not yet acknowledged) at most (MQTT only).
     pub max_inflight: u16,
+    /// Publish to this Kinesis stream instead of MQTT; the MQTT options are then unused.
+    pub kinesis: Option<KinesisOptions>,
 }
 
 impl Default for SimulateOptions {
-    /// `localhost:1883`, 100 devices, 10 000 readings as fast as possible, QoS 1.
+    /// MQTT at `localhost:1883`, 100 devices, 10 000 readings as fast as possible, QoS 1.
     fn default() -> Self {
         Self {
             mqtt_host: "localhost".into(),
@@ -84,6 +79,7 @@ impl Default for SimulateOptions {
             rate: None,
             qos: 1,
             max_inflight: 1000,
+            kinesis: None,
         }
     }
 }
@@ -95,17 +91,22 @@ impl SimulateOptions {
     /// [`SimError::InvalidOptions`] saying which option is wrong.
     pub fn validate(&self) -> Result<(), SimError> {
         let bad = |m: String| Err(SimError::InvalidOptions(m));
-        if self.mqtt_host.is_empty() {
-            return bad("the MQTT host is empty".into());
-        }
-        if self.mqtt_port == 0 {
-            return bad("the MQTT port must not be 0".into());
-        }
-        if self.qos > 1 {
-            return bad(format!("qos must be 0 or 1, got {}", self.qos));
-        }
-        if self.max_inflight == 0 {
-            return bad("max_inflight must be at least 1".into());
+        match &self.kinesis {
+            Some(k) => k.validate()?,
+            None => {
+                if self.mqtt_host.is_empty() {
+                    return bad("the MQTT host is empty".into());
+                }
+                if self.mqtt_port == 0 {
+                    return bad("the MQTT port must not be 0".into());
+                }
+                if self.qos > 1 {
+                    return bad(format!("qos must be 0 or 1, got {}", self.qos));
+                }
+                if self.max_inflight == 0 {
+                    return bad("max_inflight must be at least 1".into());
+                }
+            }
         }
         if let Some(r) = self.rate
             && !(r.is_finite() && r > 0.0)
@@ -121,16 +122,17 @@ impl SimulateOptions {
 /// Live counters, shared with a progress display.
 #[derive(Debug, Default)]
 pub struct SimStats {
-    /// Messages handed to the MQTT client.
+    /// Messages handed to the transport (the MQTT client, the Kinesis batcher).
     pub published: AtomicU64,
-    /// Messages confirmed: acknowledged by the broker (QoS 1) or written (QoS 0).
+    /// Messages confirmed: acknowledged by the broker (QoS 1), written (QoS 0), or given a
+    /// sequence number by Kinesis.
     pub acked: AtomicU64,
-    /// Payload bytes handed to the MQTT client.
+    /// Payload bytes handed to the transport.
     pub published_bytes: AtomicU64,
 }
 
 /// Publishes the fleet's messages until `readings` or `duration` is reached, and returns the
-/// manifest of what the broker confirmed.
+/// manifest of what the broker or stream confirmed.
 ///
 /// With neither limit set this runs until the process ends; use [`simulate_until`] to stop it
 /// gracefully (on Ctrl-C, say).
@@ -154,11 +156,33 @@ pub struct SimStats {
 /// # }
 /// ```
 ///
+/// To a Kinesis stream instead (endpoint, region and credentials from the standard AWS
+/// environment), with half the readings KPL-aggregated:
+///
+/// ```no_run
+/// # async fn example() -> Result<(), sensorlake_simulator::SimError> {
+/// use std::sync::Arc;
+/// use sensorlake_simulator::{FleetSpec, KinesisOptions, SimulateOptions, simulate};
+///
+/// let opts = SimulateOptions {
+///     fleet: FleetSpec::new(1_000, 42),
+///     kinesis: Some(KinesisOptions {
+///         kpl_share: 0.5,
+///         ..KinesisOptions::new("telemetry")
+///     }),
+///     ..SimulateOptions::default()
+/// };
+/// let manifest = simulate(opts, Arc::default()).await?;
+/// # Ok(())
+/// # }
+/// ```
+///
 /// # Errors
-/// [`SimError::InvalidOptions`]; [`SimError::Connect`] or [`SimError::Refused`] when the broker
-/// cannot be reached (nothing was sent); [`SimError::ConnectionLost`] or
+/// [`SimError::InvalidOptions`]. MQTT: [`SimError::Connect`] or [`SimError::Refused`] when the
+/// broker cannot be reached (nothing was sent); [`SimError::ConnectionLost`] or
 /// [`SimError::Unconfirmed`] when some messages were not confirmed — both carry the manifest of
-/// what was ([`SimError::partial_manifest`]).
+/// what was ([`SimError::partial_manifest`]). Kinesis: the `Kinesis*` variants, likewise
+/// (see [`kinesis`]).
 pub async fn simulate(opts: SimulateOptions, stats: Arc<SimStats>) -> Result<Manifest, SimError> {
     simulate_until(opts, stats, std::future::pending()).await
 }
@@ -176,6 +200,17 @@ pub async fn simulate_until(
     run(opts, stats, stop, ACK_WAIT).await
 }
 
+/// Where a run's messages go: the one thing an MQTT run and a Kinesis run differ in.
+pub(crate) trait Transport {
+    /// Takes one message. Waits only while the transport's queue is full; `false` when it can
+    /// take no more (it failed, and [`Transport::finish`] says how).
+    async fn send(&mut self, msg: Message) -> bool;
+
+    /// Publishing is over: waits up to `ack_wait` for the confirmation of every message it
+    /// took, closes, and returns the manifest of what was confirmed.
+    async fn finish(self, ack_wait: Duration) -> Result<Manifest, SimError>;
+}
+
 /// The work of [`simulate_until`], with the final wait as a parameter for tests.
 pub(crate) async fn run(
     opts: SimulateOptions,
@@ -184,67 +219,38 @@ pub(crate) async fn run(
     ack_wait: Duration,
 ) -> Result<Manifest, SimError> {
     opts.validate()?;
-    let mut fleet = Fleet::try_new(opts.fleet.clone())?;
-    let addr = format!("{}:{}", opts.mqtt_host, opts.mqtt_port);
-    let qos = if opts.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-
-    let mut mqtt = MqttOptions::new(
-        opts.client_id.clone(),
-        opts.mqtt_host.clone(),
-        opts.mqtt_port,
-    );
-    mqtt.set_clean_session(true)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
-        .set_inflight(opts.max_inflight);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_QUEUE);
-    eventloop
-        .network_options
-        .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-
-    let tracker = AckTracker::new(ManifestBuilder::new(&fleet, opts.qos), opts.qos);
-    let (expect_tx, expect_rx) = mpsc::unbounded_channel();
-    let (progress_tx, mut progress_rx) = watch::channel(0u64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (connected_tx, connected_rx) = oneshot::channel();
-    let mut driver = tokio::spawn(drive(
-        eventloop,
-        tracker,
-        expect_rx,
-        Arc::clone(&stats),
-        progress_tx,
-        connected_tx,
-        stop_rx,
-    ));
-
+    let fleet = Fleet::try_new(opts.fleet.clone())?;
     tokio::pin!(stop);
-    let connected = tokio::select! {
-        r = connected_rx => Some(r),
-        () = &mut stop => None,
-    };
-    match connected {
-        Some(Ok(Ok(()))) => info!(addr = %addr, "Connected to the MQTT broker"),
-        Some(Ok(Err(e))) => {
-            let _ = driver.await;
-            return Err(connect_error(addr, e));
-        }
-        Some(Err(_)) => {
-            // The event loop ended without a word, which only a panic does: re-raise it.
-            let outcome = join_driver(&mut driver, &stop_tx).await;
-            return Ok(outcome.tracker.finish().0);
-        }
+    // Stopped while connecting: nothing was sent.
+    let nothing = |fleet: &Fleet, qos| Ok(ManifestBuilder::new(fleet, qos).build());
+    match &opts.kinesis {
         None => {
-            let _ = stop_tx.send(true);
-            let outcome = join_driver(&mut driver, &stop_tx).await;
-            return Ok(outcome.tracker.finish().0);
+            match mqtt::MqttTransport::connect(&opts, &fleet, stats.clone(), stop.as_mut()).await? {
+                Some(t) => publish(t, fleet, &opts, &stats, stop, ack_wait).await,
+                None => nothing(&fleet, opts.qos),
+            }
+        }
+        Some(k) => {
+            match kinesis::KinesisTransport::connect(k, &fleet, stats.clone(), stop.as_mut())
+                .await?
+            {
+                Some(t) => publish(t, fleet, &opts, &stats, stop, ack_wait).await,
+                None => nothing(&fleet, kinesis::MANIFEST_QOS),
+            }
         }
     }
+}
 
-    // Publish.
+/// The publishing loop, the same for every transport: paced messages from the fleet until a
+/// limit or `stop`, then the transport's final wait.
+async fn publish<T: Transport>(
+    mut transport: T,
+    mut fleet: Fleet,
+    opts: &SimulateOptions,
+    stats: &SimStats,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+    ack_wait: Duration,
+) -> Result<Manifest, SimError> {
     let start = Instant::now();
     let deadline = opts.duration.map(|d| start + d);
     let mut pacer = opts.rate.map(Pacer::new);
@@ -277,16 +283,12 @@ pub(crate) async fn run(
             }
         }
         let msg = fleet.next_message(now_ms());
-        if expect_tx.send(msg.expect).is_err() {
-            break; // The event loop ended; its error is reported below.
-        }
         handed += 1;
-        // Only blocks while the request queue is full; a stop then leaves this one message
-        // unconfirmed, which is what it is.
         let bytes = msg.payload.len() as u64;
+        // Only blocks while the transport's queue is full.
         let sent = tokio::select! {
             biased;
-            r = client.publish(msg.topic, qos, false, msg.payload) => r.is_ok(),
+            ok = transport.send(msg) => ok,
             () = &mut stop => false,
         };
         if !sent {
@@ -298,263 +300,27 @@ pub(crate) async fn run(
             p.on_sent();
         }
     }
-    drop(expect_tx);
+    transport.finish(ack_wait).await
+}
 
-    // Wait for the confirmations, then say goodbye.
-    let waited_from = Instant::now();
-    let all_confirmed = timeout(ack_wait, progress_rx.wait_for(|c| *c >= handed))
+/// Waits up to `ack_wait` until `confirmed` reaches `handed` (or its sender is gone); returns
+/// whether it did and how long the wait took.
+pub(crate) async fn wait_for_confirmations(
+    confirmed: &mut watch::Receiver<u64>,
+    handed: u64,
+    ack_wait: Duration,
+) -> (bool, Duration) {
+    let from = Instant::now();
+    let all = timeout(ack_wait, confirmed.wait_for(|c| *c >= handed))
         .await
         .is_ok_and(|r| r.is_ok());
-    let waited = waited_from.elapsed();
-    if !all_confirmed {
-        warn!(addr = %addr, handed, confirmed = *progress_rx.borrow(), "Not every message was confirmed");
-    }
-    let _ = timeout(Duration::from_secs(1), client.disconnect()).await;
-    let outcome = join_driver(&mut driver, &stop_tx).await;
-    let (manifest, unconfirmed) = outcome.tracker.finish();
-    info!(
-        addr = %addr,
-        confirmed = manifest.messages,
-        unconfirmed,
-        "Simulation finished"
-    );
-    match outcome.error {
-        _ if unconfirmed == 0 => Ok(manifest),
-        Some(e) => Err(SimError::ConnectionLost {
-            addr,
-            confirmed: manifest.messages,
-            unconfirmed,
-            source: Box::new(e),
-            manifest: Box::new(manifest),
-        }),
-        None => Err(SimError::Unconfirmed {
-            addr,
-            unconfirmed,
-            total: handed,
-            waited,
-            manifest: Box::new(manifest),
-        }),
-    }
-}
-
-/// Waits briefly for the event loop to end on its own (after DISCONNECT), then tells it to stop.
-async fn join_driver(
-    driver: &mut tokio::task::JoinHandle<DriveOutcome>,
-    stop: &watch::Sender<bool>,
-) -> DriveOutcome {
-    let joined = match timeout(Duration::from_secs(2), &mut *driver).await {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = stop.send(true);
-            driver.await
-        }
-    };
-    match joined {
-        Ok(outcome) => outcome,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
-fn connect_error(addr: String, e: ConnectionError) -> SimError {
-    let hint = match &e {
-        ConnectionError::ConnectionRefused(code) => {
-            return SimError::Refused {
-                addr,
-                code: format!("{code:?}"),
-            };
-        }
-        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            "nothing listens there: check that the broker is running and the port is right"
-        }
-        ConnectionError::Io(io) if io.to_string().contains("lookup") => {
-            "the host name does not resolve: check its spelling and DNS"
-        }
-        ConnectionError::NetworkTimeout => {
-            "no answer in time: check the host, the port and any firewall in between"
-        }
-        _ => "check that an MQTT 3.1.1 broker (not TLS or WebSocket) listens on that host and port",
-    };
-    SimError::Connect {
-        addr,
-        hint,
-        source: Box::new(e),
-    }
+    (all, from.elapsed())
 }
 
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// What the event-loop task leaves behind.
-#[derive(Debug)]
-struct DriveOutcome {
-    tracker: AckTracker,
-    /// A connection error after the session was established.
-    error: Option<ConnectionError>,
-}
-
-/// Polls the event loop, matching confirmations to messages, until DISCONNECT is sent, a stop
-/// is signalled or the connection fails.
-async fn drive(
-    mut eventloop: EventLoop,
-    mut tracker: AckTracker,
-    mut expects: mpsc::UnboundedReceiver<Expect>,
-    stats: Arc<SimStats>,
-    progress: watch::Sender<u64>,
-    connected: oneshot::Sender<Result<(), ConnectionError>>,
-    mut stop: watch::Receiver<bool>,
-) -> DriveOutcome {
-    let mut connected = Some(connected);
-    let mut error = None;
-    loop {
-        let event = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            ev = eventloop.poll() => ev,
-        };
-        let confirmed = match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if let Some(tx) = connected.take() {
-                    let _ = tx.send(Ok(()));
-                }
-                false
-            }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                while let Ok(e) = expects.try_recv() {
-                    tracker.handed(e);
-                }
-                tracker.on_outgoing_publish(pkid)
-            }
-            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
-                while let Ok(e) = expects.try_recv() {
-                    tracker.handed(e);
-                }
-                tracker.on_await_ack(pkid);
-                false
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => tracker.on_puback(ack.pkid),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-            Ok(_) => false,
-            Err(e) => {
-                match connected.take() {
-                    Some(tx) => {
-                        let _ = tx.send(Err(e));
-                    }
-                    None => {
-                        warn!(error = %e, "Lost the connection to the MQTT broker");
-                        error = Some(e);
-                    }
-                }
-                break;
-            }
-        };
-        if confirmed {
-            stats.acked.fetch_add(1, Ordering::Relaxed);
-            progress.send_replace(tracker.confirmed());
-        }
-    }
-    while let Ok(e) = expects.try_recv() {
-        tracker.handed(e);
-    }
-    DriveOutcome { tracker, error }
-}
-
-/// Matches broker confirmations to messages (pure; see the [module docs](self)).
-#[derive(Debug)]
-pub(crate) struct AckTracker {
-    qos: u8,
-    /// Expectations of messages handed to the client, not yet seen going out.
-    handed: VecDeque<Expect>,
-    /// QoS 1 messages sent and awaiting PUBACK, by packet id.
-    inflight: BTreeMap<u16, Expect>,
-    /// A message whose packet id collided with one still in flight; it goes out later.
-    collided: Option<Expect>,
-    builder: ManifestBuilder,
-    confirmed: u64,
-}
-
-impl AckTracker {
-    pub(crate) fn new(builder: ManifestBuilder, qos: u8) -> Self {
-        Self {
-            qos,
-            handed: VecDeque::new(),
-            inflight: BTreeMap::new(),
-            collided: None,
-            builder,
-            confirmed: 0,
-        }
-    }
-
-    /// A message was handed to the client (queued before the client sees it).
-    pub(crate) fn handed(&mut self, e: Expect) {
-        self.handed.push_back(e);
-    }
-
-    /// `Outgoing::Publish(pkid)`; returns whether a message was confirmed (QoS 0).
-    pub(crate) fn on_outgoing_publish(&mut self, pkid: u16) -> bool {
-        let next = match self.collided.take() {
-            Some(e) => Some(e),
-            None => self.handed.pop_front(),
-        };
-        let Some(e) = next else {
-            warn!(pkid, "A publish went out that the simulator did not queue");
-            return false;
-        };
-        if self.qos == 0 {
-            self.confirm(&e);
-            return true;
-        }
-        if let Some(old) = self.inflight.insert(pkid, e) {
-            warn!(pkid, "Packet id reused before its acknowledgement");
-            self.builder.record_unconfirmed(&old);
-        }
-        false
-    }
-
-    /// `Outgoing::AwaitAck(pkid)`: the next message waits for its packet id to be freed.
-    pub(crate) fn on_await_ack(&mut self, _pkid: u16) {
-        if let Some(e) = self.handed.pop_front()
-            && let Some(old) = self.collided.replace(e)
-        {
-            self.builder.record_unconfirmed(&old);
-        }
-    }
-
-    /// `Incoming::PubAck(pkid)`; returns whether a message was confirmed.
-    pub(crate) fn on_puback(&mut self, pkid: u16) -> bool {
-        match self.inflight.remove(&pkid) {
-            Some(e) => {
-                self.confirm(&e);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn confirm(&mut self, e: &Expect) {
-        self.builder.record(e);
-        self.confirmed += 1;
-    }
-
-    pub(crate) fn confirmed(&self) -> u64 {
-        self.confirmed
-    }
-
-    /// The manifest, with everything not confirmed recorded as unconfirmed, and their number.
-    pub(crate) fn finish(mut self) -> (Manifest, u64) {
-        let leftovers: Vec<Expect> = std::mem::take(&mut self.inflight)
-            .into_values()
-            .chain(self.collided.take())
-            .chain(std::mem::take(&mut self.handed))
-            .collect();
-        for e in &leftovers {
-            self.builder.record_unconfirmed(e);
-        }
-        let unconfirmed = self.builder.unconfirmed();
-        (self.builder.build(), unconfirmed)
-    }
 }
 
 /// Token-bucket pacing: message n is due n/rate seconds after the start; after a stall the loop
@@ -599,14 +365,7 @@ impl Pacer {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
-    use sensorlake_core::fingerprint::payload_hash;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
     use super::*;
-    use crate::fleet::BadReading;
 
     #[test]
     fn pacer_spaces_messages_at_the_rate() {
@@ -631,70 +390,6 @@ mod tests {
             assert!(burst < 1000, "a 2 s stall must not release 2000 messages");
         }
         assert!((49..=52).contains(&burst), "burst {burst}");
-    }
-
-    fn tracker(qos: u8) -> (Fleet, AckTracker, Vec<Expect>) {
-        let mut fleet = Fleet::new(FleetSpec::new(3, 1).with_bad_ratio(0.5));
-        let t = AckTracker::new(ManifestBuilder::new(&fleet, qos), qos);
-        let e = (0..6)
-            .map(|i| fleet.next_message(1_764_255_845_000 + i).expect)
-            .collect();
-        (fleet, t, e)
-    }
-
-    #[test]
-    fn tracker_confirms_qos1_messages_only_on_their_puback() {
-        let (_, mut t, e) = tracker(1);
-        for x in &e[..3] {
-            t.handed(x.clone());
-        }
-        assert!(!t.on_outgoing_publish(1));
-        assert!(!t.on_outgoing_publish(2));
-        assert!(!t.on_outgoing_publish(3));
-        assert!(t.on_puback(2));
-        assert!(
-            !t.on_puback(2),
-            "a second ack for the same id confirms nothing"
-        );
-        assert!(t.on_puback(1));
-        assert_eq!(t.confirmed(), 2);
-        let (m, unconfirmed) = t.finish();
-        assert_eq!((m.messages, unconfirmed), (2, 1));
-    }
-
-    #[test]
-    fn tracker_follows_a_packet_id_collision() {
-        let (_, mut t, e) = tracker(1);
-        for x in &e[..3] {
-            t.handed(x.clone());
-        }
-        t.on_outgoing_publish(1);
-        t.on_outgoing_publish(2);
-        t.on_await_ack(1); // e[2] waits for id 1
-        assert!(t.on_puback(1));
-        t.on_outgoing_publish(1); // e[2] goes out now
-        assert!(t.on_puback(1));
-        assert!(t.on_puback(2));
-        let (m, unconfirmed) = t.finish();
-        assert_eq!((m.messages, unconfirmed), (3, 0));
-        let mut direct = ManifestBuilder::new(&Fleet::new(FleetSpec::new(3, 1)), 1);
-        for x in [&e[0], &e[2], &e[1]] {
-            direct.record(x);
-        }
-        assert_eq!(m.valid, direct.build().valid);
-    }
-
-    #[test]
-    fn tracker_confirms_qos0_messages_when_sent() {
-        let (_, mut t, e) = tracker(0);
-        for x in &e {
-            t.handed(x.clone());
-        }
-        for _ in 0..4 {
-            assert!(t.on_outgoing_publish(0));
-        }
-        let (m, unconfirmed) = t.finish();
-        assert_eq!((m.messages, unconfirmed), (4, 2));
     }
 
     #[test]
@@ -736,238 +431,44 @@ mod tests {
         }
     }
 
-    /// A minimal MQTT 3.1.1 broker for one client: CONNACK, PUBACK (when `ack(n)` says so for
-    /// the n-th publish, from 0), PINGRESP. Returns what it received.
-    struct FakeBroker {
-        port: u16,
-        task: tokio::task::JoinHandle<Vec<(String, Vec<u8>)>>,
-    }
-
-    impl FakeBroker {
-        async fn start(ack: impl Fn(u64) -> bool + Send + 'static) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let task = tokio::spawn(async move {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut got = Vec::new();
-                while let Some((header, body)) = read_packet(&mut s).await {
-                    match header >> 4 {
-                        1 => s.write_all(&[0x20, 2, 0, 0]).await.unwrap(),
-                        3 => {
-                            let qos = (header >> 1) & 3;
-                            let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
-                            let topic = String::from_utf8(body[2..2 + tlen].to_vec()).unwrap();
-                            let mut at = 2 + tlen;
-                            let pkid = if qos > 0 {
-                                at += 2;
-                                Some([body[at - 2], body[at - 1]])
-                            } else {
-                                None
-                            };
-                            let n = got.len() as u64;
-                            got.push((topic, body[at..].to_vec()));
-                            if let Some([hi, lo]) = pkid
-                                && ack(n)
-                            {
-                                s.write_all(&[0x40, 2, hi, lo]).await.unwrap();
-                            }
-                        }
-                        12 => s.write_all(&[0xD0, 0]).await.unwrap(),
-                        14 => break,
-                        _ => {}
-                    }
-                }
-                got
-            });
-            Self { port, task }
-        }
-    }
-
-    async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-        let header = s.read_u8().await.ok()?;
-        let (mut len, mut mult) = (0usize, 1usize);
-        loop {
-            let b = s.read_u8().await.ok()?;
-            len += usize::from(b & 0x7f) * mult;
-            if b & 0x80 == 0 {
-                break;
-            }
-            mult *= 128;
-        }
-        let mut body = vec![0; len];
-        s.read_exact(&mut body).await.ok()?;
-        Some((header, body))
-    }
-
-    fn options(port: u16, qos: u8, readings: u64) -> SimulateOptions {
-        SimulateOptions {
-            mqtt_host: "127.0.0.1".into(),
-            mqtt_port: port,
-            client_id: "sim-test".into(),
-            fleet: FleetSpec::new(12, 21).with_bad_ratio(0.3),
-            readings: Some(readings),
-            qos,
-            max_inflight: 50,
+    #[test]
+    fn kinesis_options_replace_the_mqtt_checks() {
+        let k = SimulateOptions {
+            mqtt_host: String::new(),
+            qos: 7,
+            kinesis: Some(KinesisOptions::new("telemetry")),
             ..SimulateOptions::default()
+        };
+        k.validate().unwrap();
+        for (o, needle) in [
+            (KinesisOptions::new(""), "stream"),
+            (
+                KinesisOptions::new("arn:aws:kinesis:us-east-1:1:table/x"),
+                "ARN",
+            ),
+            (
+                KinesisOptions {
+                    kpl_share: 1.5,
+                    ..KinesisOptions::new("s")
+                },
+                "kpl_share",
+            ),
+            (
+                KinesisOptions {
+                    kpl_max_records: 0,
+                    ..KinesisOptions::new("s")
+                },
+                "kpl_max_records",
+            ),
+        ] {
+            let e = SimulateOptions {
+                kinesis: Some(o),
+                ..k.clone()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(needle), "{needle:?} in {e}");
         }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn qos1_manifest_holds_exactly_what_the_broker_acknowledged() {
-        let broker = FakeBroker::start(|_| true).await;
-        let stats = Arc::new(SimStats::default());
-        let m = simulate(options(broker.port, 1, 300), Arc::clone(&stats))
-            .await
-            .unwrap();
-        let got = broker.task.await.unwrap();
-        assert_eq!(got.len(), 300);
-        assert_eq!(m.messages, 300);
-        assert_eq!(stats.published.load(Ordering::Relaxed), 300);
-        assert_eq!(stats.acked.load(Ordering::Relaxed), 300);
-        m.check_consistency().unwrap();
-        // The same seed makes the same choices whatever the clock: compare with a pure run.
-        let mut fleet = Fleet::new(options(0, 1, 0).fleet);
-        let mut b = ManifestBuilder::new(&fleet, 1);
-        for i in 0..300 {
-            b.record(&fleet.next_message(1_764_255_845_000 + i).expect);
-        }
-        let pure = b.build();
-        let reasons = |bad: &[BadReading]| bad.iter().map(|b| b.reason.clone()).collect::<Vec<_>>();
-        assert_eq!(reasons(&m.bad), reasons(&pure.bad));
-        for (id, d) in &m.valid {
-            let p = &pure.valid[id];
-            assert_eq!(
-                (d.first_seq, d.last_seq, d.count),
-                (p.first_seq, p.last_seq, p.count)
-            );
-        }
-        // Every bad payload reached the broker byte for byte, the 300 KB ones included.
-        let sent: HashSet<u64> = got.iter().map(|(_, p)| payload_hash(p)).collect();
-        assert!(m.bad.iter().all(|b| sent.contains(&b.payload_hash)));
-        assert!(got.iter().any(|(_, p)| p.len() > 262_144));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn qos0_manifest_holds_what_was_sent() {
-        let broker = FakeBroker::start(|_| true).await;
-        let m = simulate(options(broker.port, 0, 120), Arc::default())
-            .await
-            .unwrap();
-        assert_eq!(broker.task.await.unwrap().len(), 120);
-        assert_eq!((m.messages, m.qos), (120, 0));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn unacknowledged_publishes_are_left_out_and_reported() {
-        let broker = FakeBroker::start(|n| n % 7 != 3).await;
-        let opts = SimulateOptions {
-            max_inflight: 1000,
-            ..options(broker.port, 1, 100)
-        };
-        let e = run(
-            opts,
-            Arc::default(),
-            std::future::pending(),
-            Duration::from_millis(300),
-        )
-        .await
-        .unwrap_err();
-        let SimError::Unconfirmed {
-            unconfirmed,
-            total,
-            ref manifest,
-            ..
-        } = e
-        else {
-            panic!("{e}")
-        };
-        let never_acked = (0..100u64).filter(|n| n % 7 == 3).count() as u64;
-        assert_eq!((unconfirmed, total), (never_acked, 100));
-        assert_eq!(manifest.messages, 100 - never_acked);
-        assert_eq!(manifest.unconfirmed_count(), never_acked);
-        manifest.check_consistency().unwrap();
-        assert_eq!(
-            e.partial_manifest().map(|m| m.messages),
-            Some(100 - never_acked)
-        );
-        let text = e.to_string();
-        assert!(
-            text.contains(&format!("127.0.0.1:{}", broker.port)) && text.contains("not confirmed"),
-            "{text}"
-        );
-    }
-
-    /// With a small window, a packet id that is never acknowledged comes round again and
-    /// rumqttc stops sending; everything after it is unconfirmed, and the manifest still adds up.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stalled_window_leaves_the_rest_unconfirmed() {
-        let broker = FakeBroker::start(|n| n != 5).await;
-        let opts = SimulateOptions {
-            max_inflight: 10,
-            ..options(broker.port, 1, 100)
-        };
-        let e = run(
-            opts,
-            Arc::default(),
-            std::future::pending(),
-            Duration::from_millis(300),
-        )
-        .await
-        .unwrap_err();
-        let m = e.partial_manifest().unwrap();
-        assert!(m.unconfirmed_count() > 1, "{e}");
-        assert_eq!(m.messages + m.unconfirmed_count(), 100);
-        m.check_consistency().unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_unreachable_broker_is_named_in_the_error() {
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let e = simulate(options(port, 1, 10), Arc::default())
-            .await
-            .unwrap_err();
-        assert!(matches!(e, SimError::Connect { .. }), "{e}");
-        let text = e.to_string();
-        assert!(
-            text.contains(&format!("127.0.0.1:{port}")) && text.contains("check"),
-            "{text}"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn stopping_ends_publishing_and_keeps_what_was_confirmed() {
-        let broker = FakeBroker::start(|_| true).await;
-        let opts = SimulateOptions {
-            readings: None,
-            rate: Some(2000.0),
-            ..options(broker.port, 1, 0)
-        };
-        let stop = tokio::time::sleep(Duration::from_millis(100));
-        let m = simulate_until(opts, Arc::default(), stop).await.unwrap();
-        let got = broker.task.await.unwrap();
-        assert!(m.messages > 0);
-        assert_eq!(m.messages, got.len() as u64);
-        assert!(m.messages < 1000, "rate-limited: {}", m.messages);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn duration_and_rate_bound_the_run() {
-        let broker = FakeBroker::start(|_| true).await;
-        let opts = SimulateOptions {
-            readings: None,
-            duration: Some(Duration::from_millis(300)),
-            rate: Some(100.0),
-            ..options(broker.port, 1, 0)
-        };
-        let m = simulate(opts, Arc::default()).await.unwrap();
-        assert!(
-            (3..=36).contains(&m.messages),
-            "{} messages in 300 ms at 100/s",
-            m.messages
-        );
-        assert_eq!(broker.task.await.unwrap().len() as u64, m.messages);
     }
 }

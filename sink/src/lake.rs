@@ -731,28 +731,7 @@ impl Lake {
     /// Recovery; see the module docs.
     fn recover(&mut self) -> Result<Recovered, SinkError> {
         let mut recovered = Recovered::default();
-        let mut last: Option<CommitRecord> = None;
-        // The newest snapshot spares reading the records it folds; the record it ends at is
-        // still read, as the last one may need publishing.
-        let newest = record::numbers_in(&self.store, &layout::commits_dir(&self.writer))?
-            .last()
-            .copied();
-        let snapshot = newest.and_then(|n| record::read_snapshot(&self.store, &self.writer, n));
-        let from = match &snapshot {
-            Some(s) => {
-                recovered.devices = s.devices.clone();
-                recovered.totals = s.totals.clone();
-                s.commit
-            }
-            None => 0,
-        };
-        for mut record in record::read_writer_records_from(&self.store, &self.writer, from)? {
-            if snapshot.as_ref().is_none_or(|s| record.commit > s.commit) {
-                recovered.totals.add(&record.counts);
-                recovered.devices.append(&mut record.devices);
-            }
-            last = Some(record);
-        }
+        let last = fold_writer(&self.store, &self.writer, &mut recovered)?;
         self.folded = Folded {
             devices: recovered.devices.clone(),
             totals: recovered.totals.clone(),
@@ -800,6 +779,69 @@ impl Lake {
         );
         Ok(recovered)
     }
+}
+
+/// Folds `writer`'s commit records (from its newest snapshot on) into `recovered`'s devices
+/// and totals, and returns its last record. Reads only.
+fn fold_writer(
+    store: &Store,
+    writer: &WriterId,
+    recovered: &mut Recovered,
+) -> Result<Option<CommitRecord>, SinkError> {
+    let mut last: Option<CommitRecord> = None;
+    // The newest snapshot spares reading the records it folds; the record it ends at is
+    // still read, as the last one may need publishing.
+    let newest = record::numbers_in(store, &layout::commits_dir(writer))?
+        .last()
+        .copied();
+    let snapshot = newest.and_then(|n| record::read_snapshot(store, writer, n));
+    let from = match &snapshot {
+        Some(s) => {
+            recovered.devices = s.devices.clone();
+            recovered.totals = s.totals.clone();
+            s.commit
+        }
+        None => 0,
+    };
+    for mut record in record::read_writer_records_from(store, writer, from)? {
+        if snapshot.as_ref().is_none_or(|s| record.commit > s.commit) {
+            recovered.totals.add(&record.counts);
+            recovered.devices.append(&mut record.devices);
+        }
+        last = Some(record);
+    }
+    Ok(last)
+}
+
+/// What another writer has committed, read without its lock and without repairing anything
+/// (its process may be running): the device checkpoints folded over its commits, its totals
+/// and the `sources` of its last commit (`last_commit`, `last_summary`, `sources`, `devices`,
+/// `totals` of a [`Recovered`]; the repair counts stay zero).
+///
+/// Used to hand state from one writer to the next, such as a closed Kinesis shard's final
+/// checkpoint and device states to its children.
+///
+/// # Errors
+/// As [`Lake::open`], less the lock.
+pub fn peek_writer(
+    root: &Path,
+    writer_id: &str,
+    options: &LakeOptions,
+) -> Result<Recovered, SinkError> {
+    let writer = WriterId::try_new(writer_id)?;
+    let store = Store::from_url(root, options)?;
+    let mut recovered = Recovered::default();
+    let last = fold_writer(&store, &writer, &mut recovered)?;
+    if let Some(last) = last {
+        recovered.last_commit = Some(last.commit);
+        recovered.last_summary = Some(CommitSummary::of(&last));
+        recovered.sources = match &last.sources {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+    }
+    Ok(recovered)
 }
 
 /// Now, as RFC 3339 with milliseconds.

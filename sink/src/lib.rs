@@ -64,7 +64,7 @@ pub use encode::encode_parquet;
 pub use error::SinkError;
 #[doc(hidden)]
 pub use lake::CommitStep;
-pub use lake::{CommitSummary, Flush, Lake, Recovered};
+pub use lake::{CommitSummary, Flush, Lake, Recovered, peek_writer};
 pub use options::LakeOptions;
 pub use reader::LakeReader;
 pub use record::{

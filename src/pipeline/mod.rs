@@ -12,6 +12,7 @@
 //! after the shutdown timeout and the process exits non-zero, leaving the unacknowledged
 //! messages to the broker.
 
+mod kinesis;
 pub mod policy;
 
 use std::sync::Arc;
@@ -81,6 +82,21 @@ pub struct RunSummary {
     pub pinned_window: Option<usize>,
 }
 
+impl RunSummary {
+    fn log_stopped(&self) {
+        info!(
+            received = self.counts.received,
+            accepted = self.counts.accepted,
+            rejected = self.counts.rejected_total(),
+            duplicates = self.counts.duplicates,
+            commits = self.commits,
+            files = self.files,
+            bytes = self.bytes,
+            "Stopped"
+        );
+    }
+}
+
 /// Why the pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -112,6 +128,9 @@ pub enum PipelineError {
         #[source]
         source: SinkError,
     },
+    /// The Kinesis consumer could not start.
+    #[error(transparent)]
+    Kinesis(#[from] sensorlake_ingest::kinesis::consumer::StartError),
     /// A transform or blocking task panicked (a bug).
     #[error("internal task failed: {0}")]
     Internal(String),
@@ -151,19 +170,36 @@ impl Pending {
     }
 }
 
-/// Everything a flush needs, moved between the async task and the worker threads.
-struct Stages {
+/// One lake writer and the transformer whose device state goes with it: the whole pipeline
+/// for MQTT, one per shard for Kinesis.
+struct Lane {
     transformer: Option<Transformer>,
     lake: Option<Lake>,
-    acker: MqttAcker,
+    /// How to open the lake again when it must recover in-process.
+    spec: LakeSpec,
+}
+
+/// What every flush shares, moved between the async task and the worker threads.
+struct Stages {
     stats: Arc<PipelineStats>,
     summary: RunSummary,
     shutdown: CancellationToken,
     shutdown_timeout: Duration,
     /// `lake.retry_budget_secs`: how long commits may keep failing before the process exits.
     retry_budget: Option<Duration>,
-    /// How to open the lake again when it must recover in-process.
-    reopen: LakeSpec,
+}
+
+impl Stages {
+    fn new(config: &Config, stats: Arc<PipelineStats>, shutdown: CancellationToken) -> Self {
+        Self {
+            stats,
+            summary: RunSummary::default(),
+            shutdown,
+            shutdown_timeout: Duration::from_secs(config.shutdown.timeout_secs),
+            retry_budget: (config.lake.retry_budget_secs > 0)
+                .then(|| Duration::from_secs(config.lake.retry_budget_secs)),
+        }
+    }
 }
 
 /// What reopening the lake after an unknown commit outcome found.
@@ -178,7 +214,7 @@ enum Reopened {
 
 /// Everything [`Lake::open`] needs.
 #[derive(Clone)]
-struct LakeSpec {
+pub(crate) struct LakeSpec {
     path: std::path::PathBuf,
     writer: String,
     options: sensorlake_sink::LakeOptions,
@@ -186,10 +222,10 @@ struct LakeSpec {
 }
 
 impl LakeSpec {
-    fn of(config: &Config, schema: Arc<TelemetrySchema>) -> Self {
+    fn of(config: &Config, writer: &str, schema: Arc<TelemetrySchema>) -> Self {
         Self {
             path: config.lake.path.clone(),
-            writer: config.lake.writer_id.clone(),
+            writer: writer.to_owned(),
             options: config.lake.options(),
             schema,
         }
@@ -225,18 +261,12 @@ pub async fn run(
     stats: Arc<PipelineStats>,
 ) -> Result<RunSummary, PipelineError> {
     let schema = Arc::new(config.validate()?);
-    // File I/O and CSV parsing stay off the runtime's workers.
-    let registry_path = config.registry.path.clone();
-    let registry = Arc::new(
-        tokio::task::spawn_blocking(move || match registry_path {
-            Some(p) => Registry::from_csv_path(&p),
-            None => Ok(Registry::empty()),
-        })
-        .await
-        .map_err(|e| PipelineError::Internal(e.to_string()))??,
-    );
-    let reopen = LakeSpec::of(&config, schema.clone());
-    let (lake, recovered) = reopen.open().await?;
+    let registry = load_registry(&config).await?;
+    if config.kinesis.stream.is_some() {
+        return kinesis::run(config, schema, registry, shutdown, stats).await;
+    }
+    let spec = LakeSpec::of(&config, &config.lake.writer_id, schema.clone());
+    let (lake, recovered) = spec.open().await?;
     info!(
         lake = %config.lake.path.display(),
         writer = %config.lake.writer_id,
@@ -249,6 +279,11 @@ pub async fn run(
     );
     let mut transformer = Transformer::new(schema, config.transform.clone(), registry);
     transformer.restore(recovered.devices);
+    let mut lane = Lane {
+        transformer: Some(transformer),
+        lake: Some(lake),
+        spec,
+    };
 
     let max_messages = config
         .flush
@@ -262,18 +297,8 @@ pub async fn run(
     info!(broker = %source.addr(), client_id = %config.client_id(), protocol = ?config.mqtt.protocol,
           flush_messages = max_messages, "Starting MQTT source");
 
-    let mut stages = Stages {
-        transformer: Some(transformer),
-        lake: Some(lake),
-        acker: source.acker(),
-        stats: stats.clone(),
-        summary: RunSummary::default(),
-        shutdown: shutdown.clone(),
-        shutdown_timeout: Duration::from_secs(config.shutdown.timeout_secs),
-        retry_budget: (config.lake.retry_budget_secs > 0)
-            .then(|| Duration::from_secs(config.lake.retry_budget_secs)),
-        reopen,
-    };
+    let mut stages = Stages::new(&config, stats.clone(), shutdown.clone());
+    let acker = source.acker();
     let _ = stats.source.set(source.acker().events().clone());
     let mut pending = Pending::new();
     // A progress line for operators every PROGRESS_EVERY; the first tick fires immediately.
@@ -296,7 +321,7 @@ pub async fn run(
                     .check(pending.len(), pending.bytes)
                     .or(overdue.then_some(FlushTrigger::Age))
                 {
-                    stages.flush(&mut pending, trigger).await?;
+                    stages.flush_mqtt(&mut lane, &acker, &mut pending, trigger).await?;
                 }
             }
             _ = progress.tick() => {
@@ -322,7 +347,7 @@ pub async fn run(
                     );
                     stages.summary.pinned_window = Some(window);
                 }
-                stages.flush(&mut pending, FlushTrigger::Age).await?;
+                stages.flush_mqtt(&mut lane, &acker, &mut pending, FlushTrigger::Age).await?;
             }
         }
     }
@@ -332,20 +357,25 @@ pub async fn run(
     while let Ok(d) = source.deliveries.try_recv() {
         pending.push(d.record, d.ack);
     }
-    stages.flush(&mut pending, FlushTrigger::Shutdown).await?;
+    stages
+        .flush_mqtt(&mut lane, &acker, &mut pending, FlushTrigger::Shutdown)
+        .await?;
     source.shutdown(Duration::from_secs(5)).await;
-    let s = &stages.summary;
-    info!(
-        received = s.counts.received,
-        accepted = s.counts.accepted,
-        rejected = s.counts.rejected_total(),
-        duplicates = s.counts.duplicates,
-        commits = s.commits,
-        files = s.files,
-        bytes = s.bytes,
-        "Stopped"
-    );
+    stages.summary.log_stopped();
     Ok(stages.summary)
+}
+
+/// Loads the registry file, off the runtime's workers (file I/O and CSV parsing).
+async fn load_registry(config: &Config) -> Result<Arc<Registry>, PipelineError> {
+    let registry_path = config.registry.path.clone();
+    Ok(Arc::new(
+        tokio::task::spawn_blocking(move || match registry_path {
+            Some(p) => Registry::from_csv_path(&p),
+            None => Ok(Registry::empty()),
+        })
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))??,
+    ))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -356,17 +386,18 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Stages {
-    /// One attempt at committing `output`.
+    /// One attempt at committing `output` to `lane`.
     async fn commit_once(
         &mut self,
+        lane: &mut Lane,
         output: Arc<TransformOutput>,
+        sources: Arc<serde_json::Value>,
     ) -> Result<Result<sensorlake_sink::CommitSummary, SinkError>, PipelineError> {
-        let mut lake = self
+        let mut lake = lane
             .lake
             .take()
             .expect("the lake is returned after every commit");
         let (lake, result) = tokio::task::spawn_blocking(move || {
-            let sources = serde_json::Value::Null;
             let flush = Flush {
                 telemetry: std::slice::from_ref(&output.telemetry),
                 dead_letters: std::slice::from_ref(&output.dead_letters),
@@ -379,23 +410,29 @@ impl Stages {
         })
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))?;
-        self.lake = Some(lake);
+        lane.lake = Some(lake);
         Ok(result)
     }
 
     /// Opens the lake again after commit `commit` ended with an unknown outcome, and lets
     /// recovery say what became of it: [`Reopened::Committed`] when it is in the lake as this
-    /// flush (the same number, the same rows), [`Reopened::NotCommitted`] when it is not. A commit there that is not this flush means another process writes as this
-    /// writer id: an error that stops the pipeline, since acknowledging would lose the flush.
-    /// A failure to open leaves `self.lake` empty, for the next attempt.
-    async fn reopen_lake(&mut self, commit: u64, rows: u64) -> Result<Reopened, PipelineError> {
-        self.lake = None;
-        let (lake, recovered) = match self.reopen.open().await {
+    /// flush (the same number, the same rows), [`Reopened::NotCommitted`] when it is not. A
+    /// commit there that is not this flush means another process writes as this writer id: an
+    /// error that stops the pipeline, since acknowledging would lose the flush. A failure to
+    /// open leaves `lane.lake` empty, for the next attempt.
+    async fn reopen_lake(
+        &mut self,
+        lane: &mut Lane,
+        commit: u64,
+        rows: u64,
+    ) -> Result<Reopened, PipelineError> {
+        lane.lake = None;
+        let (lake, recovered) = match lane.spec.open().await {
             Ok(opened) => opened,
             Err(PipelineError::OpenLake(e)) => return Ok(Reopened::OpenFailed(e)),
             Err(other) => return Err(other),
         };
-        self.lake = Some(lake);
+        lane.lake = Some(lake);
         Ok(
             match recovered.last_summary.filter(|s| s.commit >= commit) {
                 Some(s) if s.commit == commit && s.rows == rows => {
@@ -423,9 +460,11 @@ impl Stages {
         )
     }
 
-    /// Transforms, commits and acknowledges everything pending.
-    async fn flush(
+    /// Transforms, commits and acknowledges everything pending (MQTT).
+    async fn flush_mqtt(
         &mut self,
+        lane: &mut Lane,
+        acker: &MqttAcker,
         pending: &mut Pending,
         trigger: FlushTrigger,
     ) -> Result<(), PipelineError> {
@@ -433,35 +472,56 @@ impl Stages {
             pending.oldest = None;
             return Ok(());
         }
-        let started = Instant::now();
         let records = std::mem::take(&mut pending.records);
         let acks = std::mem::take(&mut pending.acks);
         pending.bytes = 0;
         pending.oldest = None;
-        let messages = records.len() as u64;
         // Still unacknowledged while this flush is transformed and committed.
         telemetry::set_in_flight(records.len());
+        self.commit_records(
+            lane,
+            SourceKind::Mqtt,
+            records,
+            serde_json::Value::Null,
+            trigger,
+        )
+        .await?;
+        // The commit is durable: only now are the messages acknowledged, in receive order.
+        acker.ack(&acks);
+        telemetry::set_in_flight(pending.len());
+        Ok(())
+    }
 
-        let mut transformer = self
+    /// Transforms `records` with the lane's transformer and commits them with `sources`,
+    /// retrying until committed; counts the flush.
+    async fn commit_records(
+        &mut self,
+        lane: &mut Lane,
+        source: SourceKind,
+        records: Vec<RawRecord>,
+        sources: serde_json::Value,
+        trigger: FlushTrigger,
+    ) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let messages = records.len() as u64;
+        let mut transformer = lane
             .transformer
             .take()
             .expect("the transformer is returned after every flush");
         let now = now_ms();
         let (transformer, output) = crate::cpu::run(move || {
-            let out = transformer.process(SourceKind::Mqtt, &records, now);
+            let out = transformer.process(source, &records, now);
             (transformer, out)
         })
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))?;
-        self.transformer = Some(transformer);
+        lane.transformer = Some(transformer);
         debug_assert!(output.counts.adds_up());
 
         let output_counts = output.counts.clone();
-        let summary = self.commit_with_retry(Arc::new(output)).await?;
-
-        // The commit is durable: only now are the messages acknowledged, in receive order.
-        self.acker.ack(&acks);
-        telemetry::set_in_flight(pending.len());
+        let summary = self
+            .commit_with_retry(lane, Arc::new(output), Arc::new(sources))
+            .await?;
 
         let secs = started.elapsed().as_secs_f64();
         telemetry::record_commit(&output_counts, &summary, trigger.as_str(), secs);
@@ -486,6 +546,7 @@ impl Stages {
         s.bytes += summary.bytes;
         tracing::debug!(
             commit = summary.commit,
+            writer = %lane.spec.writer,
             messages,
             trigger = trigger.as_str(),
             files = summary.files.len(),
@@ -499,7 +560,9 @@ impl Stages {
     /// passes.
     async fn commit_with_retry(
         &mut self,
+        lane: &mut Lane,
         output: Arc<TransformOutput>,
+        sources: Arc<serde_json::Value>,
     ) -> Result<sensorlake_sink::CommitSummary, PipelineError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut gave_up_at: Option<Instant> = None;
@@ -510,7 +573,7 @@ impl Stages {
         let rows = (output.telemetry.num_rows() + output.dead_letters.num_rows()) as u64;
         loop {
             let e = match unknown {
-                Some(commit) => match self.reopen_lake(commit, rows).await? {
+                Some(commit) => match self.reopen_lake(lane, commit, rows).await? {
                     Reopened::Committed(summary) => return Ok(summary),
                     // Not in the lake: the next attempt commits the flush again (the failed
                     // attempt was counted when its outcome came back unknown).
@@ -520,14 +583,17 @@ impl Stages {
                     }
                     Reopened::OpenFailed(e) => e,
                 },
-                None => match self.commit_once(output.clone()).await? {
+                None => match self
+                    .commit_once(lane, output.clone(), sources.clone())
+                    .await?
+                {
                     Ok(summary) => return Ok(summary),
                     // On a folder, an unknown outcome means fsyncing the commits folder
                     // failed: the disk reports I/O errors, and nothing done in this process
                     // can prove the record durable afterwards. Stop, unacknowledged; a
                     // restart's recovery decides.
                     Err(e @ SinkError::Poisoned { .. })
-                        if !self.lake.as_ref().is_some_and(Lake::is_object_store) =>
+                        if !lane.lake.as_ref().is_some_and(Lake::is_object_store) =>
                     {
                         metrics::counter!("sensorlake_commit_errors_total").increment(1);
                         return Err(PipelineError::LakeNeedsRecovery(e));

@@ -22,6 +22,9 @@ pub enum FlushTrigger {
     Age,
     /// Shutdown.
     Shutdown,
+    /// A Kinesis shard was read to its end (split or merged): committing it lets its children
+    /// be read.
+    ShardEnd,
 }
 
 impl FlushTrigger {
@@ -32,6 +35,7 @@ impl FlushTrigger {
             FlushTrigger::Bytes => "bytes",
             FlushTrigger::Age => "age",
             FlushTrigger::Shutdown => "shutdown",
+            FlushTrigger::ShardEnd => "shard_end",
         }
     }
 }

@@ -3,7 +3,10 @@
 //! what to install (`scripts/test` installs them all); it never skips.
 //!
 //! - [`Moto`]: `moto_server` (PyPI `moto[server]`) as S3;
-//! - [`Azurite`]: Azurite (npm `azurite`), Microsoft's Azure Blob Storage emulator.
+//! - [`Azurite`]: Azurite (npm `azurite`), Microsoft's Azure Blob Storage emulator;
+//! - [`Kinesalite`]: kinesalite (npm `kinesalite`) as Amazon Kinesis, and
+//!   [`KinesisFaultProxy`], which injects throttling and expired iterators in front of it
+//!   (module [`kinesis`]).
 //!
 //! Plus [`RowChecksum`], for tests that check a rewrite kept the content of a table.
 
@@ -14,6 +17,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod kinesis;
+pub use kinesis::{Kinesalite, KinesisFaultProxy, KinesisFaults, install_crypto_provider};
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {

@@ -193,6 +193,12 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts `sensorlake run ARGS`, logging to `log`, and waits until it has subscribed.
     pub fn start(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_until(args, log, env, "Subscribed to MQTT topics")
+    }
+
+    /// Starts `sensorlake run ARGS`, logging to `log`, and waits until its log (what this
+    /// process appended) contains `ready`.
+    pub fn start_until(args: &[&str], log: &Path, env: &[(&str, &str)], ready: &str) -> Self {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -214,12 +220,12 @@ impl Pipeline {
         loop {
             let text = std::fs::read(log).unwrap_or_default();
             let ours = String::from_utf8_lossy(text.get(offset..).unwrap_or_default());
-            if ours.contains("Subscribed to MQTT topics") {
+            if ours.contains(ready) {
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "sensorlake did not subscribe within 30 s; its log:\n{ours}"
+                "sensorlake did not log {ready:?} within 30 s; its log:\n{ours}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -108,6 +108,7 @@ impl Transformer {
     ///     claimed_device_id: Some("env-000042".into()),
     ///     position: "telemetry/plant-a/env/env-000042".into(),
     ///     received_at_us: 1_764_255_845_200_000,
+    ///     rejected: None,
     /// };
     /// let now_ms = 1_764_255_846_000;
     /// let out = transformer.process(SourceKind::Mqtt, &[record.clone(), record], now_ms);

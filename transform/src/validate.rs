@@ -284,6 +284,10 @@ impl<'r> Rules<'r> {
     where
         'r: 'a,
     {
+        if let Some(rejected) = &record.rejected {
+            let (reason, detail) = &**rejected;
+            return Err(Reject::new(reason.clone(), detail.clone()).into());
+        }
         let payload: &'a [u8] = &record.payload;
         let limit = self.config.max_payload_bytes;
         if payload.len() > limit {

@@ -484,6 +484,7 @@ async fn read_half<R: AsyncRead + Unpin>(
                     // The decoded topic is exactly sized: no second copy.
                     position: topic.into_boxed_str(),
                     received_at_us: now_us(),
+                    rejected: None,
                 };
                 let ack = AckToken {
                     epoch: link.epoch,

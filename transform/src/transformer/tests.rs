@@ -42,6 +42,7 @@ fn record(payload: impl Into<Vec<u8>>) -> RawRecord {
         claimed_device_id: None,
         position: "telemetry/plant-a/env/env-1".into(),
         received_at_us: NOW_MS * 1000,
+        rejected: None,
     }
 }
 
