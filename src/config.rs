@@ -83,6 +83,11 @@ pub struct LakeConfig {
     /// start. 0 (the default): keep retrying for as long as it takes, logging every attempt.
     #[serde(default)]
     pub retry_budget_secs: u64,
+    /// A recovery snapshot every this many commits of a writer: opening the lake reads at most
+    /// this many commit records. The Lambda function, which opens the lake on every
+    /// invocation, runs with a low value (its template sets 20).
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
 }
 
 fn default_lake_path() -> PathBuf {
@@ -100,6 +105,9 @@ fn default_row_group_rows() -> usize {
 fn default_zstd_level() -> i32 {
     3
 }
+fn default_snapshot_every() -> u64 {
+    1_000
+}
 fn default_true() -> bool {
     true
 }
@@ -114,6 +122,7 @@ impl Default for LakeConfig {
             zstd_level: default_zstd_level(),
             fsync: true,
             retry_budget_secs: 0,
+            snapshot_every: default_snapshot_every(),
         }
     }
 }
@@ -126,6 +135,7 @@ impl LakeConfig {
             row_group_rows: self.row_group_rows,
             zstd_level: self.zstd_level,
             fsync: self.fsync,
+            snapshot_every: self.snapshot_every,
         }
     }
 }

@@ -581,7 +581,7 @@ impl Lake {
 
         // (5) Clean up.
         self.remove_tmp_commit_dir(commit);
-        if (commit + 1).is_multiple_of(record::SNAPSHOT_EVERY) {
+        if (commit + 1).is_multiple_of(self.options.snapshot_every.max(1)) {
             self.write_snapshot(commit);
         }
         tracing::debug!(

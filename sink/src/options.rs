@@ -27,6 +27,16 @@ pub struct LakeOptions {
     /// committed files, breaking "ack after commit"; only tests turn it off, for speed.
     #[serde(default = "default_fsync")]
     pub fsync: bool,
+    /// A recovery snapshot (the writer's folded device state) is written after every this
+    /// many commits, so that opening the lake reads one snapshot and fewer than this many
+    /// commit records. Lower it where the lake is opened often, as the Lambda function opens
+    /// it on every invocation. Must be at least 1.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+}
+
+fn default_snapshot_every() -> u64 {
+    if cfg!(test) { 4 } else { 1_000 }
 }
 
 fn default_max_rows_per_file() -> usize {
@@ -52,6 +62,7 @@ impl Default for LakeOptions {
             row_group_rows: default_row_group_rows(),
             zstd_level: default_zstd_level(),
             fsync: default_fsync(),
+            snapshot_every: default_snapshot_every(),
         }
     }
 }
@@ -71,6 +82,12 @@ impl LakeOptions {
         if self.row_group_rows == 0 {
             return Err(SinkError::InvalidOptions {
                 field: "row_group_rows",
+                why: "must be at least 1".into(),
+            });
+        }
+        if self.snapshot_every == 0 {
+            return Err(SinkError::InvalidOptions {
+                field: "snapshot_every",
                 why: "must be at least 1".into(),
             });
         }

@@ -186,7 +186,7 @@ impl CommitRecord {
 }
 
 /// A writer's state folded over its commits `0..=commit`: written every
-/// [`SNAPSHOT_EVERY`] commits so that recovery reads the latest snapshot and only the records
+/// `LakeOptions::snapshot_every` commits so that recovery reads the latest snapshot and only the records
 /// after it, however long the writer has been running.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
@@ -199,9 +199,6 @@ pub(crate) struct Snapshot {
     /// The counts of commits `0..=commit`, summed.
     pub totals: FlushCounts,
 }
-
-/// A snapshot is written after every this many commits.
-pub(crate) const SNAPSHOT_EVERY: u64 = if cfg!(test) { 4 } else { 1_000 };
 
 /// The commit numbers of `writer`'s records (or, with `dir` = its snapshots folder, of its
 /// snapshots), sorted.
