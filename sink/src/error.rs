@@ -200,6 +200,13 @@ impl SinkError {
         matches!(self, SinkError::NotVisible { .. })
     }
 
+    /// Whether another process already committed this commit number as this writer (the
+    /// commit record's conditional write found a different record): this process no longer
+    /// owns the writer, and retrying cannot succeed.
+    pub fn is_commit_conflict(&self) -> bool {
+        matches!(self, SinkError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists)
+    }
+
     /// Whether the cause, anywhere down the chain of sources (the Parquet writer wraps its
     /// I/O errors), is a full file system or an exhausted quota (`ENOSPC`, `EDQUOT`). The
     /// remedy is outside sensorlake — free space where the lake is — so callers say so.

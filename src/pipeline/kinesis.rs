@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sensorlake_core::{DeviceCheckpoint, RawRecord, SourceKind, TelemetrySchema};
+use sensorlake_ingest::kinesis::lease::LeaseClock;
 use sensorlake_ingest::kinesis::{
     KinesisSource, LaneRequest, OpenReply, ShardBatch, ShardCheckpoint, shard_writer_id,
 };
 use sensorlake_transform::{Registry, Transformer};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     FlushPolicy, FlushTrigger, LakeSpec, Lane, PROGRESS_EVERY, PipelineError, PipelineStats,
@@ -34,6 +35,8 @@ use crate::telemetry;
 struct ShardLane {
     lane: Lane,
     epoch: u64,
+    /// The shard's lease (with leases on): nothing is committed once it is no longer held.
+    lease: Option<Arc<LeaseClock>>,
     /// The checkpoint after the last pending record (what the next commit records).
     checkpoint: ShardCheckpoint,
     records: Vec<RawRecord>,
@@ -171,6 +174,7 @@ async fn flush(
     trigger: FlushTrigger,
 ) -> Result<(), PipelineError> {
     let mut finished = Vec::new();
+    let mut dropped = Vec::new();
     let mut shards: Vec<Arc<str>> = lanes
         .iter()
         .filter(|(_, l)| !l.records.is_empty() || l.end)
@@ -181,11 +185,19 @@ async fn flush(
         let Some(lane) = lanes.get_mut(&shard) else {
             continue;
         };
+        // A lease that ran out: another consumer may take (or have taken) the shard, so
+        // nothing more is committed as its writer. Its records are read again by the owner.
+        if lane.lease.as_ref().is_some_and(|l| !l.is_valid()) {
+            warn!(shard = %shard, dropped = lane.records.len(),
+                  "The shard's lease is no longer held; dropping its uncommitted records for the next owner");
+            dropped.push((shard.clone(), lane.epoch));
+            continue;
+        }
         let records = std::mem::take(&mut lane.records);
         lane.bytes = 0;
         let mut checkpoint = lane.checkpoint.clone();
         checkpoint.ended = lane.end;
-        stages
+        match stages
             .commit_records(
                 &mut lane.lane,
                 SourceKind::Kinesis,
@@ -193,7 +205,17 @@ async fn flush(
                 checkpoint.to_sources(),
                 trigger,
             )
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            Err(e @ PipelineError::LaneTaken { .. }) => {
+                warn!(shard = %shard, error = %e,
+                      "Another consumer committed this shard; giving it up (it reads on from its own commits)");
+                dropped.push((shard.clone(), lane.epoch));
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         metrics::counter!("sensorlake_kinesis_checkpoint_commits_total").increment(1);
         if lane.end {
             finished.push((shard.clone(), lane.epoch));
@@ -202,6 +224,10 @@ async fn flush(
     for (shard, epoch) in finished {
         lanes.remove(&shard);
         source.finished(shard, epoch);
+    }
+    for (shard, epoch) in dropped {
+        lanes.remove(&shard);
+        source.dropped(shard, epoch);
     }
     telemetry::set_in_flight(pending_size(lanes).0);
     Ok(())
@@ -217,11 +243,12 @@ async fn handle_request(
             shard,
             epoch,
             parents,
+            lease,
             reply,
         } => {
             // A lane of an older generation would hold the writer's lock: close it first.
             lanes.remove(&shard);
-            let answer = match open_lane(shared, &shard, epoch, &parents).await {
+            let answer = match open_lane(shared, &shard, epoch, &parents, lease).await {
                 Ok((checkpoint, Some(lane))) => {
                     lanes.insert(shard.clone(), lane);
                     OpenReply::Opened(checkpoint)
@@ -260,6 +287,7 @@ async fn open_lane(
     shard: &str,
     epoch: u64,
     parents: &[String],
+    lease: Option<Arc<LeaseClock>>,
 ) -> Result<(Option<ShardCheckpoint>, Option<ShardLane>), OpenFailure> {
     // The parents' final state, read without their locks (another process may hold them).
     let mut inherited: BTreeMap<String, DeviceCheckpoint> = BTreeMap::new();
@@ -305,11 +333,18 @@ async fn open_lane(
     if checkpoint.as_ref().is_some_and(|c| c.ended) {
         return Ok((checkpoint, None));
     }
-    let devices = if recovered.last_commit.is_none() {
-        inherited
-    } else {
-        recovered.devices
-    };
+    // The parents' final device states, under the shard's own: commit records hold only the
+    // devices a flush touched, so a device not yet seen in this shard keeps its parent's
+    // checkpoint on every open, not only the first (as long as the parents are listed).
+    let mut devices = inherited;
+    for (device, cp) in recovered.devices {
+        match devices.get(&device) {
+            Some(have) if have.seq > cp.seq => {}
+            _ => {
+                devices.insert(device, cp);
+            }
+        }
+    }
     let mut transformer = Transformer::new(
         shared.schema.clone(),
         shared.config.transform.clone(),
@@ -320,9 +355,11 @@ async fn open_lane(
         lane: Lane {
             transformer: Some(transformer),
             lake: Some(lake),
+            yield_on_conflict: true,
             spec,
         },
         epoch,
+        lease,
         checkpoint: checkpoint
             .clone()
             .unwrap_or_else(|| ShardCheckpoint::new(&shared.stream, shard)),

@@ -128,6 +128,16 @@ pub enum PipelineError {
         #[source]
         source: SinkError,
     },
+    /// Another process committed as this lane's writer (a Kinesis shard now read by another
+    /// consumer): the lane is given up, its uncommitted records left to that consumer.
+    #[error("another process now writes shard writer {writer}: {source}")]
+    LaneTaken {
+        /// The writer id.
+        writer: String,
+        /// The conflict.
+        #[source]
+        source: SinkError,
+    },
     /// The Kinesis consumer could not start.
     #[error(transparent)]
     Kinesis(#[from] sensorlake_ingest::kinesis::consumer::StartError),
@@ -175,6 +185,9 @@ impl Pending {
 struct Lane {
     transformer: Option<Transformer>,
     lake: Option<Lake>,
+    /// Give the lane up, instead of retrying, when another process committed as its writer
+    /// (a Kinesis shard whose lease moved on): [`PipelineError::LaneTaken`].
+    yield_on_conflict: bool,
     /// How to open the lake again when it must recover in-process.
     spec: LakeSpec,
 }
@@ -282,6 +295,7 @@ pub async fn run(
     let mut lane = Lane {
         transformer: Some(transformer),
         lake: Some(lake),
+        yield_on_conflict: false,
         spec,
     };
 
@@ -607,6 +621,12 @@ impl Stages {
                             unknown = Some(*commit);
                         }
                         e
+                    }
+                    Err(e) if lane.yield_on_conflict && e.is_commit_conflict() => {
+                        return Err(PipelineError::LaneTaken {
+                            writer: lane.spec.writer.clone(),
+                            source: e,
+                        });
                     }
                     Err(e) => e,
                 },

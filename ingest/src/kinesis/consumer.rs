@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use super::checkpoint::{ShardCheckpoint, stream_name};
 use super::client::{self, describe};
 use super::config::{KinesisConfig, StartPosition};
-use super::lease::{LeaseError, Leases};
+use super::lease::{LeaseClock, LeaseError, Leases};
 use super::reader::{ReaderExit, ReaderSpec, ShardBatch, Start, read_shard};
 
 /// A shard as listed by ListShards.
@@ -51,6 +51,8 @@ pub enum LaneRequest {
         epoch: u64,
         /// Parents still listed in the stream (an expired parent is not waited for).
         parents: Vec<String>,
+        /// The shard's lease, when leases are on: no commit is made once it is not held.
+        lease: Option<Arc<LeaseClock>>,
         /// The answer.
         reply: oneshot::Sender<OpenReply>,
     },
@@ -110,6 +112,7 @@ pub struct KinesisSource {
     /// Lane requests from the coordinator.
     pub requests: mpsc::UnboundedReceiver<LaneRequest>,
     finished: mpsc::UnboundedSender<(Arc<str>, u64)>,
+    dropped: mpsc::UnboundedSender<(Arc<str>, u64)>,
     intake: CancellationToken,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -160,6 +163,7 @@ impl KinesisSource {
         let (tx_batches, batches) = mpsc::channel(config.channel_capacity);
         let (tx_requests, requests) = mpsc::unbounded_channel();
         let (finished, rx_finished) = mpsc::unbounded_channel();
+        let (dropped, rx_dropped) = mpsc::unbounded_channel();
         let (tx_events, rx_events) = mpsc::unbounded_channel();
         let intake = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -186,11 +190,13 @@ impl KinesisSource {
             next_epoch: 1,
             intake: intake.clone(),
         };
-        let task = tokio::spawn(coordinator.run(round, rx_finished, rx_events, stop.clone()));
+        let task =
+            tokio::spawn(coordinator.run(round, rx_finished, rx_dropped, rx_events, stop.clone()));
         Ok(KinesisSource {
             batches,
             requests,
             finished,
+            dropped,
             intake,
             stop,
             task,
@@ -207,6 +213,14 @@ impl KinesisSource {
     /// checkpoint) are committed: its children may be read.
     pub fn finished(&self, shard: Arc<str>, epoch: u64) {
         let _ = self.finished.send((shard, epoch));
+    }
+
+    /// Tells the coordinator that the pipeline gave the shard's lane up without committing
+    /// what it held (its lease ran out, or another process committed as its writer): the
+    /// reader stops, and the shard is opened again from its committed checkpoint if this
+    /// process still owns it.
+    pub fn dropped(&self, shard: Arc<str>, epoch: u64) {
+        let _ = self.dropped.send((shard, epoch));
     }
 
     /// Stops every reader and the opening of shards; batches already sent stay in the channel.
@@ -277,7 +291,8 @@ struct ReaderDefaults {
 struct Active {
     epoch: u64,
     cancel: CancellationToken,
-    reader: JoinHandle<Result<ReaderExit, super::reader::ReaderError>>,
+    /// `None` once awaited (a reader that ended its shard, waiting for the end commit).
+    reader: Option<JoinHandle<Result<ReaderExit, super::reader::ReaderError>>>,
 }
 
 /// Answers from the pipeline, delivered back into the coordinator's loop.
@@ -317,6 +332,7 @@ impl Coordinator {
         mut self,
         round: Duration,
         mut finished: mpsc::UnboundedReceiver<(Arc<str>, u64)>,
+        mut dropped: mpsc::UnboundedReceiver<(Arc<str>, u64)>,
         mut events: mpsc::UnboundedReceiver<Event>,
         stop: CancellationToken,
     ) {
@@ -325,8 +341,20 @@ impl Coordinator {
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                _ = tick.tick(), if !self.intake.is_cancelled() => self.round().await,
+                _ = tick.tick() => {
+                    if self.intake.is_cancelled() {
+                        // Stopping: the last commits are running; keep the leases until then.
+                        self.renew_only().await;
+                    } else {
+                        self.round().await;
+                    }
+                }
                 Some((shard, epoch)) = finished.recv() => self.on_finished(&shard, epoch).await,
+                Some((shard, epoch)) = dropped.recv() => {
+                    if self.active.get(shard.as_ref()).is_some_and(|a| a.epoch == epoch) {
+                        self.stop_shard(&shard, None);
+                    }
+                }
                 Some(event) = events.recv() => self.on_event(event).await,
             }
         }
@@ -344,6 +372,8 @@ impl Coordinator {
             Err(e) => {
                 metrics::counter!("sensorlake_kinesis_list_shards_errors_total").increment(1);
                 warn!(stream = %self.stream, error = %e, "ListShards failed; keeping the current shards");
+                // The leases must still be renewed, or other consumers take them.
+                self.renew_only().await;
                 return;
             }
         };
@@ -362,10 +392,26 @@ impl Coordinator {
                 for shard in r.lost {
                     self.stop_shard(&shard, None);
                 }
+                let mut owned = r.owned;
                 for (shard, to) in r.handoff {
-                    self.stop_shard(&shard, Some(to));
+                    owned.remove(&shard);
+                    // An Open or Close of this shard is in flight: hand it off at a later
+                    // round (the request stays in the table), once the lane's state is known.
+                    if !self.opening.contains(&shard) {
+                        self.stop_shard(&shard, Some(to));
+                    }
                 }
-                r.owned
+                // Whatever is read without its lease (lost in a renew-only round) stops.
+                let unowned: Vec<Arc<str>> = self
+                    .active
+                    .keys()
+                    .filter(|k| !owned.contains(k.as_ref()))
+                    .cloned()
+                    .collect();
+                for shard in unowned {
+                    self.stop_shard(&shard, None);
+                }
+                owned
             }
         };
         metrics::gauge!("sensorlake_kinesis_shards_reading").set(self.active.len() as f64);
@@ -393,6 +439,17 @@ impl Coordinator {
         }
     }
 
+    /// Renews the held leases only; shards whose lease was lost stop.
+    async fn renew_only(&mut self) {
+        let lost = match &mut self.leases {
+            Some(leases) => leases.renew_only().await,
+            None => return,
+        };
+        for shard in lost {
+            self.stop_shard(&shard, None);
+        }
+    }
+
     /// Asks the pipeline to open `shard`; the answer comes back as [`Event::Opened`].
     fn open_shard(&mut self, shard: ShardInfo, parents: Vec<String>) {
         let epoch = self.next_epoch;
@@ -405,6 +462,7 @@ impl Coordinator {
                 shard: id,
                 epoch,
                 parents,
+                lease: self.leases.as_ref().and_then(|l| l.clock(&shard.id)),
                 reply,
             })
             .is_err()
@@ -448,7 +506,9 @@ impl Coordinator {
         self.opening.insert(shard.to_owned());
         let events = self.tx_events.clone();
         tokio::spawn(async move {
-            let _ = active.reader.await;
+            if let Some(reader) = active.reader {
+                let _ = reader.await;
+            }
             let _ = rx.await;
             let _ = events.send(Event::Closed {
                 shard: id,
@@ -519,7 +579,7 @@ impl Coordinator {
                             Active {
                                 epoch,
                                 cancel,
-                                reader,
+                                reader: Some(reader),
                             },
                         );
                     }
@@ -558,15 +618,14 @@ impl Coordinator {
         let done: Vec<Arc<str>> = self
             .active
             .iter()
-            .filter(|(_, a)| a.reader.is_finished())
+            .filter(|(_, a)| a.reader.as_ref().is_some_and(JoinHandle::is_finished))
             .map(|(k, _)| k.clone())
             .collect();
         for shard in done {
-            let Some(active) = self.active.get_mut(&shard) else {
+            let Some(reader) = self.active.get_mut(&shard).and_then(|a| a.reader.take()) else {
                 continue;
             };
-            let result = (&mut active.reader).await;
-            match result {
+            match reader.await {
                 // Waiting for the pipeline to commit the end marker and report it finished.
                 Ok(Ok(ReaderExit::Ended)) => continue,
                 Ok(Ok(exit)) => debug!(shard = %shard, ?exit, "Reader stopped"),

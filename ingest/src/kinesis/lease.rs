@@ -336,6 +336,14 @@ impl Leases {
         result
     }
 
+    /// Renews the held leases and nothing else (ListShards failing, or shutting down while the
+    /// last commits run); losses are noticed at the next full round.
+    pub async fn renew_only(&mut self) -> Vec<String> {
+        let mut round = LeaseRound::default();
+        self.renew_held(&mut round, &HashMap::new()).await;
+        round.lost
+    }
+
     /// Renews every held lease; a lease another worker asked for goes to `handoff`.
     async fn renew_held(&mut self, result: &mut LeaseRound, leases: &HashMap<String, Lease>) {
         let held: Vec<String> = self.held.keys().cloned().collect();

@@ -13,8 +13,23 @@ pub const MAX_DIGITS: usize = 129;
 ///
 /// Ordering is numeric: leading zeros are ignored, a longer number is larger, numbers of the
 /// same length compare digit by digit. `"9" < "10"`, which a string comparison gets wrong.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct SequenceNumber(Box<str>);
+
+// Equality and hashing follow the numeric order: "007" == "7".
+impl PartialEq for SequenceNumber {
+    fn eq(&self, other: &Self) -> bool {
+        self.significant() == other.significant()
+    }
+}
+
+impl Eq for SequenceNumber {}
+
+impl std::hash::Hash for SequenceNumber {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.significant().hash(state);
+    }
+}
 
 /// A string that is not a sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +124,7 @@ mod tests {
             "a string comparison would say otherwise"
         );
         assert_eq!(sn("007").cmp(&sn("7")), Ordering::Equal);
+        assert_eq!(sn("007"), sn("7"), "equality agrees with the order");
         assert!(sn("0") < sn("1"));
         let long = "1".repeat(129);
         assert!(sn(&long) > a);
