@@ -531,3 +531,36 @@ fn a_missing_stream_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// A shard reader that fails with an error waiting cannot fix (here an injected
+/// AccessDeniedException) is reaped and the shard opened again from its checkpoint at a later
+/// round, while the other shards go on; the consumer keeps running and ends exact. (Reaping
+/// once awaited a reader's handle twice, which panicked and left the shard unread.)
+#[test]
+fn a_failed_shard_reader_is_restarted_from_the_checkpoint() {
+    let s = KinesisScenario::new(2);
+    let proxy = KinesisFaultProxy::start(s.server.port(), 3);
+    let endpoint = proxy.endpoint();
+    let env = [("AWS_ENDPOINT_URL_KINESIS", endpoint.as_str())];
+    let mut sim = s.simulate(8_000, 2_000, 4, 0.3);
+    let mut consumer = s.consumer("consumer", &[], &env);
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy
+        .faults()
+        .deny_next
+        .store(2, std::sync::atomic::Ordering::Relaxed);
+    wait_child(&mut sim, Duration::from_secs(120), "simulate", || {
+        s.simulate_log()
+    });
+    assert_exact(&s.lake, &s.manifest, || consumer.log_text());
+    let log = consumer.log_text();
+    assert!(
+        log.contains("Shard reader failed") && log.contains("AccessDeniedException"),
+        "no reader failed: {log}"
+    );
+    assert!(
+        log.matches("Reading shard").count() >= 3,
+        "the failed shard was not read again: {log}"
+    );
+    assert!(consumer.terminate().success(), "{log}");
+}

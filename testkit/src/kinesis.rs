@@ -431,6 +431,9 @@ pub struct KinesisFaults {
     pub expire_pct: AtomicU64,
     /// The next this many GetRecords calls are answered so, whatever `expire_pct` says.
     pub expire_next: AtomicU64,
+    /// The next this many GetRecords calls are answered `400 AccessDeniedException`: an error
+    /// waiting does not fix, which ends the consumer's shard reader (it must be restarted).
+    pub deny_next: AtomicU64,
     /// Percent (0–100) of PutRecords *entries* failed with `ProvisionedThroughputExceededException`
     /// in a `200` answer (`FailedRecordCount` > 0), as the service does under load: those entries
     /// never reach kinesalite, the others do.
@@ -769,6 +772,16 @@ fn get_records(
             &format!(
                 "Rate exceeded for shard {shard_id} in stream {stream} under account 000000000000."
             ),
+        );
+        return respond(&mut client, 400, &body);
+    }
+    if f.deny_next
+        .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let body = error_body(
+            "AccessDeniedException",
+            &format!("injected by the test's fault proxy for shard {shard_id}"),
         );
         return respond(&mut client, 400, &body);
     }
