@@ -323,6 +323,8 @@ fn a_second_writer_with_the_same_id_cannot_commit_the_same_number(fx: Fx) {
         err.to_string().contains("share one writer id"),
         "the error says what is wrong: {err}"
     );
+    // What the Kinesis pipeline gives a shard up on, instead of retrying forever.
+    assert!(err.is_commit_conflict(), "{err:?}");
     assert_eq!(fx.visible().len(), 1, "{:?}", fx.visible());
     assert_eq!(fx.telemetry_rows(), 1);
 }

@@ -144,18 +144,17 @@ fn accept(lanes: &mut HashMap<Arc<str>, ShardLane>, batch: ShardBatch) -> bool {
         debug!(shard = %batch.shard, records = batch.records.len(), "Dropping a batch of a closed lane");
         return false;
     };
-    let mut added = false;
-    for r in batch.records {
+    // The records are in shard order: the last one is where the checkpoint moves.
+    if let Some(last) = batch.records.last() {
         lane.checkpoint
-            .advance(&r.sequence, r.sub, r.last_in_record);
+            .advance(&last.sequence, last.sub, last.last_in_record);
+    }
+    let added = !batch.records.is_empty() || batch.end;
+    for r in batch.records {
         lane.bytes += r.record.payload.len();
         lane.records.push(r.record);
-        added = true;
     }
-    if batch.end {
-        lane.end = true;
-        added = true;
-    }
+    lane.end |= batch.end;
     added
 }
 

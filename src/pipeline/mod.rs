@@ -1,4 +1,6 @@
 //! The running pipeline: MQTT source → batcher → transform (rayon) → lake commit → acks.
+//! (Kinesis runs the same stages per shard, in `kinesis.rs`: one `Lane` — lake writer and
+//! transformer — per shard, the checkpoint committed with the rows instead of acks.)
 //!
 //! One task owns the batch being built. Deliveries arrive on the source's bounded channel and
 //! are appended; when the [`FlushPolicy`] says so (or the age timer fires, or shutdown comes),

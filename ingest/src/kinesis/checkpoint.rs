@@ -104,13 +104,25 @@ impl ShardCheckpoint {
 
 /// The stream name in `name_or_arn` (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME` or `NAME`).
 pub fn stream_name(name_or_arn: &str) -> &str {
-    if name_or_arn.starts_with("arn:") {
-        name_or_arn
-            .rsplit_once(":stream/")
-            .map_or(name_or_arn, |(_, name)| name)
-    } else {
-        name_or_arn
-    }
+    arn_parts(name_or_arn).map_or(name_or_arn, |(_, name)| name)
+}
+
+/// (region, name) of a Kinesis stream ARN (`arn:PARTITION:kinesis:REGION:ACCOUNT:stream/NAME`);
+/// `None` for anything else.
+pub fn arn_parts(arn: &str) -> Option<(&str, &str)> {
+    let mut parts = arn.splitn(6, ':');
+    let (Some("arn"), Some(_partition), Some("kinesis"), Some(region), Some(_account), Some(res)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let name = res.strip_prefix("stream/")?;
+    (!region.is_empty() && !name.is_empty() && !name.contains('/')).then_some((region, name))
 }
 
 /// The lake writer id of shard `shard` of stream `stream`: `ks-<stream>-<shard number>`.
@@ -191,6 +203,13 @@ mod tests {
             "telemetry"
         );
         assert_eq!(stream_name("telemetry"), "telemetry");
+        assert_eq!(
+            arn_parts("arn:aws:kinesis:eu-west-1:123456789012:stream/telemetry"),
+            Some(("eu-west-1", "telemetry"))
+        );
+        assert_eq!(arn_parts("arn:aws:kinesis:eu-west-1:1:stream/"), None);
+        assert_eq!(arn_parts("arn:aws:sqs:eu-west-1:1:stream/x"), None);
+        assert_eq!(arn_parts("telemetry"), None);
     }
 
     #[test]

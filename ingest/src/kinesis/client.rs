@@ -25,6 +25,31 @@ pub async fn aws_config() -> aws_config::SdkConfig {
         .await
 }
 
+/// [`aws_config`], with the region of `stream` when it is an ARN and no region is configured
+/// (`AWS_REGION`, profile): an ARN names its region, so it needs no other setting.
+pub async fn aws_config_for_stream(stream: &str) -> aws_config::SdkConfig {
+    let config = aws_config().await;
+    match (config.region(), super::checkpoint::arn_parts(stream)) {
+        (None, Some((region, _))) => config
+            .into_builder()
+            .region(aws_sdk_kinesis::config::Region::new(region.to_owned()))
+            .build(),
+        _ => config,
+    }
+}
+
+/// An error and its sources, on one line (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
 /// A Kinesis client for `config`.
 pub fn kinesis(config: &aws_config::SdkConfig) -> aws_sdk_kinesis::Client {
     aws_sdk_kinesis::Client::new(config)
@@ -48,15 +73,6 @@ where
                 err.message().unwrap_or("(no message)")
             )
         }
-        other => {
-            let mut s = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                s.push_str(": ");
-                s.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            s
-        }
+        other => error_chain(other),
     }
 }

@@ -34,8 +34,6 @@ pub struct ShardInfo {
     pub id: String,
     /// Its parents (a split has one, a merge two), whatever their state.
     pub parents: Vec<String>,
-    /// Closed: it has an ending sequence number (it was split or merged).
-    pub closed: bool,
 }
 
 /// What the coordinator asks of the pipeline.
@@ -127,8 +125,9 @@ impl KinesisSource {
     /// [`StartError`] when the stream cannot be listed or the lease table cannot be used.
     pub async fn start(config: &KinesisConfig) -> Result<KinesisSource, StartError> {
         config.validate()?;
-        let stream = stream_name(config.stream.as_deref().ok_or(StartError::NoStream)?).to_owned();
-        let sdk = client::aws_config().await;
+        let configured = config.stream.as_deref().ok_or(StartError::NoStream)?;
+        let stream = stream_name(configured).to_owned();
+        let sdk = client::aws_config_for_stream(configured).await;
         let kinesis = client::kinesis(&sdk);
         list_shards(&kinesis, &stream)
             .await
@@ -261,14 +260,9 @@ pub async fn list_shards(
                 .into_iter()
                 .flatten()
                 .collect();
-            let closed = s
-                .sequence_number_range
-                .as_ref()
-                .is_some_and(|r| r.ending_sequence_number.is_some());
             shards.push(ShardInfo {
                 id: s.shard_id,
                 parents,
-                closed,
             });
         }
         match out.next_token {

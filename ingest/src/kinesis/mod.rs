@@ -11,7 +11,7 @@ pub mod reader;
 pub mod records;
 pub mod seqnum;
 
-pub use checkpoint::{ShardCheckpoint, shard_writer_id, stream_name};
+pub use checkpoint::{ShardCheckpoint, arn_parts, shard_writer_id, stream_name};
 pub use config::{KinesisConfig, StartPosition};
 pub use consumer::{KinesisSource, LaneRequest, OpenReply, ShardInfo};
 pub use reader::ShardBatch;

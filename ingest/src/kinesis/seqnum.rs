@@ -9,12 +9,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The longest sequence number accepted (Kinesis documents `0|([1-9]\d{0,128})`).
 pub const MAX_DIGITS: usize = 129;
 
-/// A Kinesis sequence number, kept as the service wrote it.
+/// A Kinesis sequence number, kept as the service wrote it; shared, so that the user records
+/// of one KPL aggregate and the checkpoint that follows them do not each copy it.
 ///
 /// Ordering is numeric: leading zeros are ignored, a longer number is larger, numbers of the
 /// same length compare digit by digit. `"9" < "10"`, which a string comparison gets wrong.
 #[derive(Clone)]
-pub struct SequenceNumber(Box<str>);
+pub struct SequenceNumber(std::sync::Arc<str>);
 
 // Equality and hashing follow the numeric order: "007" == "7".
 impl PartialEq for SequenceNumber {

@@ -53,7 +53,8 @@ use aws_sdk_kinesis::operation::put_records::PutRecordsError;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 use sensorlake_ingest::backoff::Backoff;
-use sensorlake_ingest::kinesis::client::describe;
+use sensorlake_ingest::kinesis::arn_parts;
+use sensorlake_ingest::kinesis::client::{describe, error_chain};
 use sensorlake_ingest::kinesis::kpl;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -150,23 +151,6 @@ impl KinesisOptions {
         }
         Ok(())
     }
-}
-
-/// (region, name) of a stream ARN.
-fn arn_parts(arn: &str) -> Option<(&str, &str)> {
-    let mut parts = arn.splitn(6, ':');
-    let (Some("arn"), Some(_partition), Some("kinesis"), Some(region), Some(_account), Some(res)) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    let name = res.strip_prefix("stream/")?;
-    (!region.is_empty() && !name.is_empty() && !name.contains('/')).then_some((region, name))
 }
 
 /// How requests name the stream.
@@ -360,17 +344,11 @@ fn endpoint_from_env(region: &str) -> String {
 async fn client_from_env(stream: &str) -> Result<KinesisClient, SimError> {
     // Before any TLS: several rustls providers are compiled in, so none is picked by itself.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let mut config = sensorlake_ingest::kinesis::client::aws_config().await;
+    let config = sensorlake_ingest::kinesis::client::aws_config_for_stream(stream).await;
     if config.region().is_none() {
-        let Some((region, _)) = arn_parts(stream) else {
-            return Err(SimError::KinesisNoRegion {
-                stream: stream.to_owned(),
-            });
-        };
-        config = config
-            .into_builder()
-            .region(aws_sdk_kinesis::config::Region::new(region.to_owned()))
-            .build();
+        return Err(SimError::KinesisNoRegion {
+            stream: stream.to_owned(),
+        });
     }
     // Resolved once here, so that missing credentials are named as such rather than as a
     // failed request.
@@ -450,17 +428,6 @@ async fn check_stream(kc: &KinesisClient, stream: &str, target: &Target) -> Resu
             status: status.as_str().to_owned(),
         }),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// One message waiting to be sent.
@@ -1100,16 +1067,5 @@ mod tests {
             "env-000001"
         );
         assert_eq!(partition_key("odd"), "odd");
-    }
-
-    #[test]
-    fn stream_arns_name_their_region_and_stream() {
-        assert_eq!(
-            arn_parts("arn:aws:kinesis:eu-west-1:123456789012:stream/telemetry"),
-            Some(("eu-west-1", "telemetry"))
-        );
-        assert_eq!(arn_parts("arn:aws:kinesis:eu-west-1:1:stream/"), None);
-        assert_eq!(arn_parts("arn:aws:sqs:eu-west-1:1:stream/x"), None);
-        assert_eq!(arn_parts("telemetry"), None);
     }
 }
