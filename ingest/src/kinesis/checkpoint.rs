@@ -103,8 +103,17 @@ impl ShardCheckpoint {
 }
 
 /// The stream name in `name_or_arn` (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME` or `NAME`).
+///
+/// Lenient where [`arn_parts`] is strict: whatever follows `:stream/` (an enhanced fan-out
+/// consumer ARN keeps its `/consumer/…` suffix, for the caller to cut).
 pub fn stream_name(name_or_arn: &str) -> &str {
-    arn_parts(name_or_arn).map_or(name_or_arn, |(_, name)| name)
+    if name_or_arn.starts_with("arn:") {
+        name_or_arn
+            .rsplit_once(":stream/")
+            .map_or(name_or_arn, |(_, name)| name)
+    } else {
+        name_or_arn
+    }
 }
 
 /// (region, name) of a Kinesis stream ARN (`arn:PARTITION:kinesis:REGION:ACCOUNT:stream/NAME`);
