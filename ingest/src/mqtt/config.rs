@@ -51,10 +51,11 @@ pub struct MqttConfig {
     /// Keep-alive interval in seconds.
     #[serde(default = "default_keep_alive_secs")]
     pub keep_alive_secs: u64,
-    /// Largest MQTT packet accepted, in bytes. Kept well above the payload limit so that an
-    /// oversize message becomes a dead letter instead of breaking the connection (a packet
-    /// over this limit makes the client drop the connection and the broker redeliver it
-    /// forever): set the broker's `message_size_limit` at or below it.
+    /// Largest MQTT packet buffered whole, in bytes. A PUBLISH over it is still received and
+    /// acknowledged, but only its first 4 KiB are kept: the rest is passed over without being
+    /// held in memory, and the message becomes a `too_large` dead letter. Messages between
+    /// `transform.max_payload_bytes` and this limit are dead-lettered whole. (Sensorlake sends
+    /// no MQTT 5 Maximum Packet Size, since brokers drop messages over it silently.)
     #[serde(default = "default_max_packet_bytes")]
     pub max_packet_bytes: usize,
     /// First reconnect delay, in milliseconds.

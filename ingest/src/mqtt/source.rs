@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use sensorlake_core::RawRecord;
+use sensorlake_core::{RawRecord, Reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::{BrokerAddr, ConfigError, MqttConfig};
-use super::wire::{ConnectOptions, Incoming, Wire};
+use super::wire::{ConnectOptions, Incoming, OVERSIZE_PREFIX, Wire};
 use crate::backoff::Backoff;
 
 /// One received message and the token that acknowledges it.
@@ -444,6 +444,39 @@ async fn next_packet<R: AsyncRead + Unpin>(
     }
 }
 
+/// How much of an oversize payload the dead letter keeps.
+fn payload_len_kept(len: usize) -> usize {
+    len.min(OVERSIZE_PREFIX)
+}
+
+/// Passes over the next `n` bytes of the connection: first what is in `buf`, then reads into
+/// `buf` and drops what it reads, so memory stays at one read chunk whatever `n` is.
+async fn skip_bytes<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    mut n: usize,
+    bytes_read: &AtomicU64,
+) -> Result<(), End> {
+    loop {
+        let k = n.min(buf.len());
+        let _ = buf.split_to(k);
+        n -= k;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.clear();
+        if buf.capacity() < READ_CHUNK {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(buf).await? {
+            0 => return Err(End::Lost("the broker closed the connection".into())),
+            read => {
+                bytes_read.fetch_add(read as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Reads packets and forwards publishes; waits for the pipeline when its channel is full.
 async fn read_half<R: AsyncRead + Unpin>(
     ctx: &Ctx,
@@ -452,7 +485,14 @@ async fn read_half<R: AsyncRead + Unpin>(
     mut buf: BytesMut,
     completions: mpsc::UnboundedSender<u16>,
 ) -> End {
+    // Bytes of an oversize PUBLISH still to pass over before the next packet.
+    let mut skip = 0usize;
     loop {
+        if skip > 0
+            && let Err(e) = skip_bytes(&mut rd, &mut buf, skip, &link.bytes_read).await
+        {
+            return e;
+        }
         let packet = match next_packet(&ctx.wire, &mut rd, &mut buf, Some(&link.bytes_read)).await {
             Ok(p) => p,
             Err(e) => return e,
@@ -463,7 +503,9 @@ async fn read_half<R: AsyncRead + Unpin>(
                 payload,
                 pkid,
                 qos,
+                oversize,
             } => {
+                skip = oversize.map_or(0, |o| o.skip);
                 if ctx.stop_intake.is_cancelled() {
                     // Neither forwarded nor acknowledged: the broker keeps it for next time.
                     continue;
@@ -484,7 +526,18 @@ async fn read_half<R: AsyncRead + Unpin>(
                     // The decoded topic is exactly sized: no second copy.
                     position: topic.into_boxed_str(),
                     received_at_us: now_us(),
-                    rejected: None,
+                    rejected: oversize.map(|o| {
+                        Box::new((
+                            Reason::TooLarge,
+                            format!(
+                                "the message has {} bytes, more than mqtt.max_packet_bytes ({}) \
+                                 lets sensorlake buffer; only its first {} bytes are kept",
+                                o.payload_len,
+                                ctx.wire.max_incoming(),
+                                payload_len_kept(o.payload_len),
+                            ),
+                        ))
+                    }),
                 };
                 let ack = AckToken {
                     epoch: link.epoch,

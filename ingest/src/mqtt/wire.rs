@@ -22,9 +22,12 @@ pub(crate) enum Incoming {
     },
     Publish {
         topic: String,
+        /// The payload, or only its first [`OVERSIZE_PREFIX`] bytes when `oversize` is set.
         payload: Bytes,
         pkid: u16,
         qos: u8,
+        /// Set when the packet was larger than the limit and is being passed over.
+        oversize: Option<Oversize>,
     },
     /// The QoS granted per topic filter; `None` where the subscription was refused.
     SubAck {
@@ -42,6 +45,25 @@ pub(crate) enum Incoming {
     /// Anything a subscriber does not act on.
     Other,
 }
+
+/// A PUBLISH larger than the packet limit: its header and the start of its payload were read,
+/// the rest is passed over unread into memory, so a message's size never decides how much
+/// memory it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Oversize {
+    /// The whole payload's length, as the packet header says.
+    pub payload_len: usize,
+    /// Bytes of this packet still on the connection: the reader discards them before it reads
+    /// the next packet.
+    pub skip: usize,
+}
+
+/// How much of an oversize payload is kept, for the dead letter.
+pub(crate) const OVERSIZE_PREFIX: usize = 4096;
+
+/// The largest PUBLISH header (topic and MQTT 5 properties) read for an oversize packet. A
+/// topic is at most 65,535 bytes; properties past this make the packet malformed for us.
+const MAX_PUBLISH_HEADER: usize = 128 * 1024;
 
 /// A malformed or oversize packet from the broker: the connection cannot continue.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +102,11 @@ impl Wire {
         }
     }
 
+    /// The packet size limit.
+    pub(crate) fn max_incoming(&self) -> usize {
+        self.max_incoming
+    }
+
     pub(crate) fn connect(&self, o: &ConnectOptions<'_>, out: &mut BytesMut) {
         let ok = match self.protocol {
             MqttProtocol::V4 => {
@@ -95,7 +122,9 @@ impl Wire {
                 let mut props = v5::ConnectProperties::new();
                 props.receive_maximum = Some(o.receive_maximum);
                 props.session_expiry_interval = Some(o.session_expiry_secs);
-                props.max_packet_size = Some(u32::try_from(self.max_incoming).unwrap_or(u32::MAX));
+                // No Maximum Packet Size: a broker drops a message over it silently, and
+                // every message must be accounted for. Oversize ones arrive and are passed
+                // over as `too_large` dead letters instead (see `Oversize`).
                 let c = v5::Connect {
                     keep_alive: o.keep_alive_secs,
                     client_id: o.client_id.to_owned(),
@@ -186,6 +215,12 @@ impl Wire {
                 reason: format!("reason code 0x{code:02X}"),
             }));
         }
+        if let Some((byte0, remaining, header_len)) = fixed_header(buf)?
+            && byte0 >> 4 == PUBLISH
+            && header_len.saturating_add(remaining) > self.max_incoming
+        {
+            return self.oversize_publish(buf, byte0, header_len, remaining);
+        }
         match self.protocol {
             MqttProtocol::V4 => match v4::Packet::read(buf, self.max_incoming) {
                 Ok(p) => Ok(Some(from_v4(p))),
@@ -202,6 +237,99 @@ impl Wire {
             }
         }
     }
+
+    /// The header and the first bytes of a PUBLISH over the size limit, once they are in `buf`;
+    /// what of the packet is in `buf` is consumed, the rest is left to skip.
+    fn oversize_publish(
+        &self,
+        buf: &mut BytesMut,
+        byte0: u8,
+        header_len: usize,
+        remaining: usize,
+    ) -> Result<Option<Incoming>, WireError> {
+        let bad = |why: &str| WireError(format!("malformed oversize PUBLISH: {why}"));
+        let qos = (byte0 >> 1) & 3;
+        if qos == 3 {
+            return Err(bad("QoS 3"));
+        }
+        // Variable header: topic, packet id (QoS > 0), MQTT 5 properties.
+        let body = &buf[header_len..];
+        let Some(topic_len) = body
+            .get(..2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return Ok(None);
+        };
+        let mut at = 2 + topic_len;
+        if qos > 0 {
+            at += 2;
+        }
+        if self.protocol == MqttProtocol::V5 {
+            let Some((props_len, n)) = varint(body.get(at..).unwrap_or_default())? else {
+                return Ok(None);
+            };
+            at += n + props_len;
+        }
+        if at > remaining || at > MAX_PUBLISH_HEADER {
+            return Err(bad("the header is longer than the packet or than 128 KiB"));
+        }
+        let payload_len = remaining - at;
+        let keep = payload_len.min(OVERSIZE_PREFIX);
+        if body.len() < at + keep {
+            return Ok(None);
+        }
+        let topic = std::str::from_utf8(&body[2..2 + topic_len])
+            .map_err(|_| bad("the topic is not UTF-8"))?
+            .to_owned();
+        let pkid = if qos > 0 {
+            u16::from_be_bytes([body[2 + topic_len], body[3 + topic_len]])
+        } else {
+            0
+        };
+        let payload = Bytes::copy_from_slice(&body[at..at + keep]);
+        let total = header_len + remaining;
+        let taken = total.min(buf.len());
+        let _ = buf.split_to(taken);
+        Ok(Some(Incoming::Publish {
+            topic,
+            payload,
+            pkid,
+            qos,
+            oversize: Some(Oversize {
+                payload_len,
+                skip: total - taken,
+            }),
+        }))
+    }
+}
+
+/// The packet type of PUBLISH, the high nibble of its first byte.
+const PUBLISH: u8 = 3;
+
+/// A packet's fixed header: its first byte, the remaining length and the header's own length;
+/// `None` until enough bytes are there.
+fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, WireError> {
+    let Some(&byte0) = buf.first() else {
+        return Ok(None);
+    };
+    Ok(varint(&buf[1..])?.map(|(len, n)| (byte0, len, 1 + n)))
+}
+
+/// An MQTT variable byte integer at the start of `b`: its value and length in bytes.
+fn varint(b: &[u8]) -> Result<Option<(usize, usize)>, WireError> {
+    let mut value = 0usize;
+    for i in 0..4 {
+        let Some(&byte) = b.get(i) else {
+            return Ok(None);
+        };
+        value |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    Err(WireError(
+        "malformed packet length (more than 4 bytes)".into(),
+    ))
 }
 
 fn qos_v4(q: u8) -> rumqttc::mqttbytes::QoS {
@@ -232,6 +360,7 @@ fn from_v4(p: v4::Packet) -> Incoming {
             payload: p.payload,
             pkid: p.pkid,
             qos: p.qos as u8,
+            oversize: None,
         },
         v4::Packet::SubAck(s) => Incoming::SubAck {
             granted: s
@@ -274,6 +403,7 @@ fn from_v5(p: v5::Packet) -> Result<Incoming, WireError> {
                 payload: p.payload,
                 pkid: p.pkid,
                 qos: p.qos as u8,
+                oversize: None,
             }
         }
         v5::Packet::SubAck(s) => Incoming::SubAck {
@@ -357,6 +487,7 @@ mod tests {
                     payload,
                     pkid,
                     qos,
+                    oversize: None,
                 }) => {
                     assert_eq!(
                         (topic.as_str(), &payload[..], pkid, qos),
@@ -381,19 +512,103 @@ mod tests {
         }
     }
 
+    /// A PUBLISH of `len` payload bytes (`0, 1, 2, …`) on `topic`, encoded for `protocol`.
+    fn publish(protocol: MqttProtocol, topic: &str, qos: u8, pkid: u16, len: usize) -> Vec<u8> {
+        let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let mut buf = BytesMut::new();
+        match protocol {
+            MqttProtocol::V4 => {
+                let mut p = v4::Publish::new(topic, qos_v4(qos), payload);
+                p.pkid = pkid;
+                p.write(&mut buf).unwrap();
+            }
+            MqttProtocol::V5 => {
+                let props = v5::PublishProperties {
+                    content_type: Some("application/json".into()),
+                    ..Default::default()
+                };
+                let mut p = v5::Publish::new(topic, qos_v5(qos), payload, Some(props));
+                p.pkid = pkid;
+                p.write(&mut buf).unwrap();
+            }
+        }
+        buf.to_vec()
+    }
+
     #[test]
-    fn an_oversize_packet_is_an_error_not_a_wait() {
+    fn an_oversize_publish_keeps_its_header_and_first_bytes_and_skips_the_rest() {
+        for protocol in [MqttProtocol::V4, MqttProtocol::V5] {
+            for qos in [0, 1] {
+                let w = Wire::new(protocol, 10_000);
+                let len = 50_000;
+                let packet = publish(protocol, "telemetry/s/env/d1", qos, 77, len);
+                // Fed a few bytes at a time, as a socket would.
+                let mut buf = BytesMut::new();
+                let mut fed = 0;
+                let found = loop {
+                    if let Some(p) = w.read(&mut buf).unwrap() {
+                        break p;
+                    }
+                    let n = 7.min(packet.len() - fed);
+                    assert!(n > 0, "{protocol:?}: the whole packet was needed");
+                    buf.extend_from_slice(&packet[fed..fed + n]);
+                    fed += n;
+                };
+                let Incoming::Publish {
+                    topic,
+                    payload,
+                    pkid,
+                    qos: q,
+                    oversize: Some(o),
+                } = found
+                else {
+                    panic!("{protocol:?}: {found:?}");
+                };
+                assert_eq!(topic, "telemetry/s/env/d1");
+                assert_eq!((q, pkid), (qos, if qos > 0 { 77 } else { 0 }));
+                assert_eq!(o.payload_len, len, "{protocol:?}");
+                assert_eq!(payload.len(), OVERSIZE_PREFIX);
+                assert!(payload.iter().enumerate().all(|(i, b)| *b == i as u8));
+                // Only a prefix was buffered; the rest is left to skip.
+                assert!(fed < OVERSIZE_PREFIX + 200, "{protocol:?}: read {fed}");
+                assert!(buf.is_empty());
+                assert_eq!(o.skip, packet.len() - fed);
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversize_publish_already_in_the_buffer_is_consumed_whole() {
+        for protocol in [MqttProtocol::V4, MqttProtocol::V5] {
+            let w = Wire::new(protocol, 1024);
+            let mut buf = BytesMut::from(&publish(protocol, "t/d", 1, 5, 3000)[..]);
+            buf.extend_from_slice(&[0xD0, 0x00]); // PINGRESP
+            match w.read(&mut buf).unwrap() {
+                Some(Incoming::Publish {
+                    payload,
+                    oversize: Some(o),
+                    ..
+                }) => {
+                    assert_eq!((payload.len(), o.payload_len, o.skip), (3000, 3000, 0));
+                }
+                other => panic!("{protocol:?}: {other:?}"),
+            }
+            assert!(matches!(
+                w.read(&mut buf).unwrap(),
+                Some(Incoming::PingResp)
+            ));
+        }
+    }
+
+    #[test]
+    fn an_oversize_packet_of_another_kind_is_an_error_not_a_wait() {
         for protocol in [MqttProtocol::V4, MqttProtocol::V5] {
             let w = Wire::new(protocol, 100);
-            let mut buf = BytesMut::new();
-            match protocol {
-                MqttProtocol::V4 => v4::Publish::new("t", qos_v4(0), vec![0u8; 200])
-                    .write(&mut buf)
-                    .unwrap(),
-                MqttProtocol::V5 => v5::Publish::new("t", qos_v5(0), vec![0u8; 200], None)
-                    .write(&mut buf)
-                    .unwrap(),
-            };
+            // A SUBACK claiming 200 bytes.
+            let mut buf = BytesMut::from(&[0x90, 0xC8, 0x01, 0x00, 0x01][..]);
+            assert!(w.read(&mut buf).is_err(), "{protocol:?}");
+            // A remaining length of more than four bytes.
+            let mut buf = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
             assert!(w.read(&mut buf).is_err(), "{protocol:?}");
         }
     }
