@@ -464,6 +464,13 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| UsageError(e.to_string()))?,
         ),
     };
+    if addr.as_ref().is_some_and(|a| a.tls) {
+        bail!(UsageError(format!(
+            "--mqtt {}: the simulator publishes over plain MQTT only; give it a plain \
+             listener (mqtt://HOST:PORT) of the broker",
+            a.mqtt
+        )));
+    }
     if !(0.0..=1.0).contains(&a.kpl_share) {
         bail!(UsageError(format!(
             "--kpl-share {} must be between 0 and 1",
