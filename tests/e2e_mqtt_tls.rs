@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::certs::Certs;
@@ -77,7 +77,7 @@ impl Tls {
     fn fails_with(
         &self,
         name: &str,
-        config: &PathBuf,
+        config: &Path,
         env: &[(&str, &str)],
         expected: &str,
     ) -> String {
@@ -260,7 +260,7 @@ fn without_a_ca_file_the_system_roots_do_not_trust_a_private_ca() {
 }
 
 /// `sensorlake config check -c CONFIG` with `env`: exit code and stderr.
-fn config_check(config: &PathBuf, env: &[(&str, &str)]) -> (i32, String) {
+fn config_check(config: &Path, env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = bin();
     cmd.args(["config", "check", "-c", config.to_str().unwrap()]);
     for (k, v) in env {
@@ -308,7 +308,9 @@ fn bad_tls_files_stop_the_start_naming_the_key_and_the_path_and_good_keys_of_eve
     let empty = t.dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let missing = t.dir.path().join("missing.pem");
-    let cases: Vec<(&str, String, Vec<(&str, String)>, String)> = vec![
+    // (what, [mqtt.tls] lines, environment, expected error)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, String);
+    let cases: Vec<Case> = vec![
         (
             "missing CA file",
             format!("ca_file = {missing:?}\n"),
@@ -398,6 +400,19 @@ fn bad_tls_files_stop_the_start_naming_the_key_and_the_path_and_good_keys_of_eve
             "{what}: {stderr}"
         );
     }
+
+    // The simulator publishes plaintext only, and says so instead of trying.
+    let out = bin()
+        .args(["simulate", "--mqtt", &url, "--readings", "1", "--manifest"])
+        .arg(t.dir.path().join("m.json"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the simulator publishes over plain MQTT only"),
+        "{err}"
+    );
 
     // TLS settings with a plain URL would be ignored: an error instead.
     let config = t.config("plain-with-tls", &t.broker.url(), Some(&t.mtls("client")));
