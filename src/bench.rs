@@ -365,6 +365,7 @@ async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(BrokerAd
                 BrokerAddr {
                     host: addr.ip().to_string(),
                     port: addr.port(),
+                    tls: false,
                 },
                 BrokerGuard(None),
             ))
@@ -412,6 +413,7 @@ async fn start_broker(kind: BrokerKind, work: &Path) -> anyhow::Result<(BrokerAd
                 BrokerAddr {
                     host: "127.0.0.1".into(),
                     port,
+                    tls: false,
                 },
                 guard,
             ))

@@ -66,7 +66,8 @@ pub struct RunArgs {
     /// TOML configuration file (every key optional; env SENSORLAKE_<SECTION>__<KEY> overrides).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Broker URL, mqtt://HOST:PORT (overrides mqtt.url).
+    /// Broker URL, mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS set up in [mqtt.tls]
+    /// (overrides mqtt.url).
     #[arg(long, conflicts_with = "kinesis")]
     pub mqtt: Option<String>,
     /// Read this Kinesis stream (name or ARN) instead of MQTT (overrides kinesis.stream).
@@ -110,7 +111,7 @@ pub enum ProtocolArg {
 /// `sensorlake simulate`.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// Broker URL, mqtt://HOST:PORT.
+    /// Broker URL, mqtt://HOST:PORT (plain MQTT only).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt: String,
     /// Publish to this Kinesis stream (name or ARN) instead of MQTT, with PutRecords; region,
@@ -464,6 +465,13 @@ async fn simulate(a: SimulateArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| UsageError(e.to_string()))?,
         ),
     };
+    if addr.as_ref().is_some_and(|a| a.tls) {
+        bail!(UsageError(format!(
+            "--mqtt {}: the simulator publishes over plain MQTT only; give it a plain \
+             listener (mqtt://HOST:PORT) of the broker",
+            a.mqtt
+        )));
+    }
     if !(0.0..=1.0).contains(&a.kpl_share) {
         bail!(UsageError(format!(
             "--kpl-share {} must be between 0 and 1",

@@ -488,6 +488,36 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_mqtt_tls_table_and_names_unknown_keys_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[mqtt]\nurl = \"mqtts://broker.example\"\n[mqtt.tls]\nca_file = \"/etc/ca.pem\"\n\
+             server_name = \"b.example\"\nalpn = [\"x-amzn-mqtt-ca\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p), env(&[])).unwrap();
+        let tls = c.mqtt.tls.as_ref().unwrap();
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(tls.server_name.as_deref(), Some("b.example"));
+        assert_eq!(tls.alpn, ["x-amzn-mqtt-ca"]);
+        assert_eq!(tls.client_cert_file, None);
+        // The effective configuration shows the table, paths only.
+        assert!(c.to_toml().contains("[mqtt.tls]"), "{}", c.to_toml());
+        // The file is read at validation: a missing CA file is a config error naming it.
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.tls.ca_file: cannot read /etc/ca.pem"),
+            "{e}"
+        );
+
+        std::fs::write(&p, "[mqtt.tls]\ninsecure = true\n").unwrap();
+        let e = Config::load(Some(&p), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("insecure"), "{e}");
+    }
+
+    #[test]
     fn rejects_a_packet_limit_below_the_payload_limit() {
         let c = Config::load(None, env(&[("SENSORLAKE_MQTT__MAX_PACKET_BYTES", "4096")])).unwrap();
         let e = c.validate().unwrap_err().to_string();

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod certs;
+
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -44,9 +46,13 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 /// A Mosquitto broker owned by a test.
 pub struct Mosquitto {
     pub port: u16,
+    /// The second listener's port (see [`Mosquitto::start_with_second_listener`]), else 0.
+    pub second_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra: String,
+    /// Settings of the second listener, if any.
+    second: Option<String>,
 }
 
 impl Mosquitto {
@@ -57,6 +63,18 @@ impl Mosquitto {
 
     /// Starts Mosquitto with `conf` (a listener and persistence location are added).
     pub fn start_with(conf: &str) -> Self {
+        Self::start_inner(conf, None)
+    }
+
+    /// Starts Mosquitto with `conf` for the plain listener (as [`Mosquitto::start_with`]) and
+    /// a second listener on its own free loopback port ([`Mosquitto::second_port`]) configured
+    /// by `second` (e.g. `cafile`, `certfile`, `keyfile` for TLS). With `per_listener_settings
+    /// true` in `conf`, authentication settings apply per listener.
+    pub fn start_with_second_listener(conf: &str, second: &str) -> Self {
+        Self::start_inner(conf, Some(second.to_owned()))
+    }
+
+    fn start_inner(conf: &str, second: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Mosquitto started as root drops to the `mosquitto` user: let it write its
         // persistence file here.
@@ -66,12 +84,17 @@ impl Mosquitto {
         }
         let mut m = Mosquitto {
             port: 0,
+            second_port: 0,
             dir,
             child: None,
             extra: conf.to_owned(),
+            second,
         };
         for _ in 0..5 {
             m.port = free_port();
+            if m.second.is_some() {
+                m.second_port = free_port();
+            }
             if m.spawn() {
                 return m;
             }
@@ -88,16 +111,19 @@ impl Mosquitto {
 
     fn spawn(&mut self) -> bool {
         let conf = self.dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\npersistence_location {}/\n{}",
-                self.port,
-                self.dir.path().display(),
-                self.extra
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listener {} 127.0.0.1\npersistence_location {}/\n{}",
+            self.port,
+            self.dir.path().display(),
+            self.extra
+        );
+        if let Some(second) = &self.second {
+            text.push_str(&format!(
+                "\nlistener {} 127.0.0.1\n{second}\n",
+                self.second_port
+            ));
+        }
+        std::fs::write(&conf, text).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,7 +139,10 @@ impl Mosquitto {
         self.child = Some(child);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && (self.second.is_none()
+                    || TcpStream::connect(("127.0.0.1", self.second_port)).is_ok())
+            {
                 return true;
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::tls::TlsConfig;
+
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -20,7 +22,8 @@ pub enum MqttProtocol {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
-    /// Broker URL, `mqtt://HOST:PORT` (port defaults to 1883).
+    /// Broker URL: `mqtt://HOST[:PORT]` (port defaults to 1883), or `mqtts://HOST[:PORT]`
+    /// for TLS (port defaults to 8883; set up in `[mqtt.tls]`).
     #[serde(default = "default_url")]
     pub url: String,
     /// Topic filters to subscribe to; `$share/<group>/<filter>` shares one subscription
@@ -77,6 +80,11 @@ pub struct MqttConfig {
     /// Messages buffered between the MQTT connection and the pipeline.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// `[mqtt.tls]`: CA, client certificate and key, server name and ALPN of an `mqtts://`
+    /// connection. Optional with `mqtts://` (the system's roots are trusted then); an error
+    /// with a plain `mqtt://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -91,6 +99,8 @@ impl std::fmt::Debug for MqttConfig {
             .field("receive_maximum", &self.receive_maximum)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -150,30 +160,38 @@ fn toml_free_default() -> MqttConfig {
         password_file: None,
         password: None,
         channel_capacity: default_channel_capacity(),
+        tls: None,
     }
 }
 
-/// A broker's host and port, parsed from `mqtt://HOST:PORT`.
+/// A broker's host and port, parsed from `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddr {
     /// Host name or IP address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// Whether the connection is TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 impl std::fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
 /// A setting that cannot work.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// The URL is not `mqtt://HOST[:PORT]`.
+    /// The URL is not `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`.
     #[error(
-        "mqtt.url `{url}` is not valid: {why} (expected mqtt://HOST:PORT, e.g. mqtt://127.0.0.1:1883)"
+        "mqtt.url `{url}` is not valid: {why} (expected mqtt://HOST:PORT, e.g. mqtt://127.0.0.1:1883, or mqtts://HOST:PORT for TLS)"
     )]
     BadUrl {
         /// The URL as given.
@@ -195,28 +213,48 @@ pub enum ConfigError {
         /// Why.
         why: String,
     },
+    /// A `[mqtt.tls]` setting that cannot work: a file that is missing, unreadable or not
+    /// PEM, a key that does not belong to its certificate, a bad name, or TLS settings with a
+    /// plain URL. The message names the key, the path and what to do; never a key's contents.
+    #[error("mqtt.tls.{key}: {why}")]
+    Tls {
+        /// The key under `[mqtt.tls]`.
+        key: &'static str,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// `[mqtt.tls]` with a plain `mqtt://` URL: TLS settings that would be ignored.
+    #[error(
+        "[mqtt.tls] is set but mqtt.url `{url}` is a plain connection; use mqtts://HOST:PORT \
+         (port 8883 by default) for TLS, or remove [mqtt.tls]"
+    )]
+    TlsWithPlainUrl {
+        /// The URL as given.
+        url: String,
+    },
 }
 
-/// Parses `mqtt://HOST[:PORT]` (also `tcp://`).
+/// Parses `mqtt://HOST[:PORT]` (also `tcp://`; port 1883 by default) and, for TLS,
+/// `mqtts://HOST[:PORT]` (also `ssl://`; port 8883 by default). Whether the address is TLS is
+/// in [`BrokerAddr::tls`]; the TLS settings themselves are `[mqtt.tls]` ([`TlsConfig`]).
 ///
 /// # Errors
-/// On another scheme (TLS arrives with `mqtts://` in a later release), a missing host or a bad
-/// port.
+/// On another scheme, a missing host or a bad port.
 pub fn parse_url(url: &str) -> Result<BrokerAddr, ConfigError> {
     let bad = |why| ConfigError::BadUrl {
         url: url.to_owned(),
         why,
     };
-    let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-        r
+    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false)
     } else if let Some(r) = url.strip_prefix("tcp://") {
-        r
-    } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-        return Err(bad(
-            "TLS is not supported yet; use a plain mqtt:// listener",
-        ));
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true)
+    } else if let Some(r) = url.strip_prefix("ssl://") {
+        (r, true)
     } else {
-        return Err(bad("the scheme must be mqtt://"));
+        return Err(bad("the scheme must be mqtt:// (or mqtts:// for TLS)"));
     };
     let rest = rest.trim_end_matches('/');
     if rest.contains('/') || rest.contains('@') {
@@ -230,7 +268,7 @@ pub fn parse_url(url: &str) -> Result<BrokerAddr, ConfigError> {
             p.parse::<u16>()
                 .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
         ),
-        _ => (rest, 1883),
+        _ => (rest, if tls { 8883 } else { 1883 }),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -242,15 +280,25 @@ pub fn parse_url(url: &str) -> Result<BrokerAddr, ConfigError> {
     Ok(BrokerAddr {
         host: host.to_owned(),
         port,
+        tls,
     })
 }
 
 impl MqttConfig {
-    /// Checks every setting and returns the broker address.
+    /// Checks every setting and returns the broker address. With TLS this reads and parses
+    /// the CA, certificate and key files (or loads the system's root certificates), so that a
+    /// bad file stops the start, not every connection attempt.
     ///
     /// # Errors
     /// The first setting that cannot work, naming its key.
     pub fn validate(&self) -> Result<BrokerAddr, ConfigError> {
+        self.prepare().map(|(addr, _)| addr)
+    }
+
+    /// [`validate`](Self::validate), keeping the TLS connector it builds.
+    pub(crate) fn prepare(
+        &self,
+    ) -> Result<(BrokerAddr, Option<super::tls::Connector>), ConfigError> {
         let addr = parse_url(&self.url)?;
         if self.topics.is_empty() {
             return Err(ConfigError::BadTopic(
@@ -289,7 +337,20 @@ impl MqttConfig {
                 why: "must be 1-128 characters".into(),
             });
         }
-        Ok(addr)
+        let tls = match (&self.tls, addr.tls) {
+            (Some(tls), true) => Some(super::tls::Connector::try_new(tls, &addr)?),
+            (None, true) => Some(super::tls::Connector::try_new(
+                &TlsConfig::default(),
+                &addr,
+            )?),
+            (Some(_), false) => {
+                return Err(ConfigError::TlsWithPlainUrl {
+                    url: self.url.clone(),
+                });
+            }
+            (None, false) => None,
+        };
+        Ok((addr, tls))
     }
 
     /// The reconnect backoff bounds.
@@ -340,17 +401,27 @@ mod tests {
             parse_url("mqtt://127.0.0.1:1884").unwrap(),
             BrokerAddr {
                 host: "127.0.0.1".into(),
-                port: 1884
+                port: 1884,
+                tls: false,
             }
         );
         assert_eq!(parse_url("mqtt://broker").unwrap().port, 1883);
         assert_eq!(parse_url("mqtt://[::1]:1885").unwrap().host, "::1");
         assert!(parse_url("http://x").is_err());
-        assert!(
-            parse_url("mqtts://x:8883")
-                .unwrap_err()
-                .to_string()
-                .contains("TLS")
+        assert_eq!(
+            parse_url("mqtts://x:8884").unwrap(),
+            BrokerAddr {
+                host: "x".into(),
+                port: 8884,
+                tls: true,
+            }
+        );
+        let tls = parse_url("ssl://broker.example").unwrap();
+        assert_eq!((tls.port, tls.tls), (8883, true));
+        assert_eq!(tls.to_string(), "mqtts://broker.example:8883");
+        assert_eq!(
+            parse_url("mqtt://[::1]:1885").unwrap().to_string(),
+            "mqtt://[::1]:1885"
         );
         assert!(parse_url("mqtt://:1883").is_err());
         assert!(parse_url("mqtt://h:99999").is_err());
@@ -365,6 +436,35 @@ mod tests {
         assert!(validate_filter("tele+metry").is_err());
         assert!(validate_filter("$share//x").is_err());
         assert!(validate_filter("$share/g").is_err());
+    }
+
+    #[test]
+    fn tls_settings_with_a_plain_url_are_an_error() {
+        let c = MqttConfig {
+            url: "mqtt://broker:8883".into(),
+            tls: Some(TlsConfig::default()),
+            ..MqttConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("[mqtt.tls] is set but mqtt.url"), "{e}");
+        assert!(e.contains("use mqtts://"), "{e}");
+    }
+
+    #[test]
+    fn tls_file_errors_surface_from_validate() {
+        let c = MqttConfig {
+            url: "mqtts://broker".into(),
+            tls: Some(TlsConfig {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                ..TlsConfig::default()
+            }),
+            ..MqttConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("mqtt.tls.ca_file: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,13 +26,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use sensorlake_core::{RawRecord, Reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::{BrokerAddr, ConfigError, MqttConfig};
+use super::tls;
 use super::wire::{ConnectOptions, Incoming, OVERSIZE_PREFIX, Wire};
 use crate::backoff::Backoff;
 
@@ -139,6 +139,8 @@ pub struct MqttSource {
 /// Everything the connection task needs besides the ack queue.
 struct Ctx {
     addr: BrokerAddr,
+    /// `mqtts://`: the validated TLS settings.
+    tls: Option<tls::Connector>,
     wire: Wire,
     client_id: String,
     keep_alive_secs: u16,
@@ -177,7 +179,7 @@ impl MqttSource {
     /// When the configuration is invalid; connection problems are retried in the background
     /// and logged, never returned.
     pub fn start(config: &MqttConfig, client_id: &str) -> Result<MqttSource, ConfigError> {
-        let addr = config.validate()?;
+        let (addr, tls) = config.prepare()?;
         let (tx, rx) = mpsc::channel(config.channel_capacity);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let events = Arc::new(SourceEvent::default());
@@ -187,6 +189,7 @@ impl MqttSource {
         let (min, max) = config.reconnect_bounds();
         let ctx = Ctx {
             addr: addr.clone(),
+            tls,
             wire: Wire::new(config.protocol, config.max_packet_bytes),
             client_id: client_id.to_owned(),
             keep_alive_secs: u16::try_from(config.keep_alive_secs.clamp(5, 65_535))
@@ -319,8 +322,7 @@ async fn connection(
     epoch: u64,
 ) -> End {
     let connect = async {
-        let mut stream = TcpStream::connect((ctx.addr.host.as_str(), ctx.addr.port)).await?;
-        stream.set_nodelay(true)?;
+        let mut stream = tls::connect(&ctx.addr, ctx.tls.as_ref()).await?;
         let mut out = BytesMut::new();
         ctx.wire.connect(
             &ConnectOptions {
@@ -334,15 +336,30 @@ async fn connection(
             },
             &mut out,
         );
-        stream.write_all(&out).await?;
         let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
-        let first = next_packet(&ctx.wire, &mut stream, &mut inbuf, None).await?;
+        let answer = async {
+            stream.write_all(&out).await?;
+            next_packet(&ctx.wire, &mut stream, &mut inbuf, None).await
+        };
+        // Connected, but no CONNACK: a plain connection to a TLS listener looks like this.
+        let first = answer.await.map_err(|e| match e {
+            End::Lost(why) if ctx.tls.is_none() => End::Lost(tls::plain_hint(&ctx.addr, &why)),
+            e => e,
+        })?;
         Ok::<_, End>((stream, inbuf, first))
     };
     let (stream, inbuf, first) = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return e,
-        Err(_) => return End::Lost(format!("no CONNACK within {CONNECT_TIMEOUT:?}")),
+        Err(_) if ctx.tls.is_none() => {
+            let why = format!("no CONNACK within {CONNECT_TIMEOUT:?}");
+            return End::Lost(tls::plain_hint(&ctx.addr, &why));
+        }
+        Err(_) => {
+            return End::Lost(format!(
+                "the TLS handshake and CONNACK did not complete within {CONNECT_TIMEOUT:?}"
+            ));
+        }
     };
     let Incoming::ConnAck {
         session_present,
@@ -350,7 +367,11 @@ async fn connection(
         server_keep_alive,
     } = first
     else {
-        return End::Lost(format!("expected CONNACK, got {first:?}"));
+        let why = format!("expected CONNACK, got {first:?}");
+        return End::Lost(match ctx.tls {
+            None => tls::plain_hint(&ctx.addr, &why),
+            Some(_) => why,
+        });
     };
     if let Some(why) = refused {
         return End::Lost(format!(
