@@ -724,7 +724,7 @@ fn a_minute_of_only_bad_traffic_at_full_rate_is_all_accounted_for_and_leaks_noth
         sc.manifest.to_str().unwrap(),
     ];
     let started = std::time::Instant::now();
-    let out = common::bin().args(&args).output().unwrap();
+    let out = common::bin().args(args).output().unwrap();
     assert!(
         out.status.success(),
         "sensorlake simulate failed: {}",
