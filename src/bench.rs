@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// its commit when traffic is too slow to fill a flush.
     #[arg(long, default_value_t = 1000)]
     pub max_age_ms: u64,
+    /// Share of invalid messages, 0.0-1.0 (every kind the spec names except oversize ones):
+    /// 1.0 measures a fleet sending nothing but bad input.
+    #[arg(long, default_value_t = 0.01)]
+    pub bad_ratio: f64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -110,6 +114,8 @@ pub struct BenchReport {
     pub readings: u64,
     /// The publish rate asked for; `None`: as fast as the broker takes them.
     pub rate: Option<f64>,
+    /// Share of invalid messages published.
+    pub bad_ratio: f64,
     /// The pipeline's flush age limit, ms.
     pub max_age_ms: u64,
     /// JSON payload bytes published per phase.
@@ -209,6 +215,7 @@ async fn run_in(a: &BenchArgs, work: &Path) -> anyhow::Result<BenchReport> {
         broker: a.broker,
         readings: manifest.messages,
         rate: a.rate,
+        bad_ratio: a.bad_ratio,
         max_age_ms: a.max_age_ms,
         json_bytes,
         ceiling_readings_per_sec: ceiling.readings_per_sec,
@@ -232,7 +239,7 @@ fn sim_options(broker: &BrokerAddr, a: &BenchArgs, seed: u64) -> SimulateOptions
         fleet: FleetSpec {
             devices: a.devices.max(1),
             seed,
-            bad_ratio: 0.01,
+            bad_ratio: a.bad_ratio.clamp(0.0, 1.0),
             allow_oversize: false,
             ..FleetSpec::default()
         },
@@ -535,8 +542,11 @@ fn print_report(r: &BenchReport) {
         .rate
         .map_or_else(|| "full rate".to_owned(), |x| format!("{x:.0} readings/s"));
     println!(
-        "sensorlake bench ({:?} broker, {} readings, 1% bad, QoS 1, {rate}, flush age {} ms)",
-        r.broker, r.readings, r.max_age_ms
+        "sensorlake bench ({:?} broker, {} readings, {}% bad, QoS 1, {rate}, flush age {} ms)",
+        r.broker,
+        r.readings,
+        r.bad_ratio * 100.0,
+        r.max_age_ms
     );
     println!(
         "  null subscriber (ceiling)   {:>12.0} readings/s",
