@@ -754,8 +754,9 @@ fn a_minute_of_only_bad_traffic_at_full_rate_is_all_accounted_for_and_leaks_noth
     );
     // The simulator's only valid reading is one power reading that provokes `not_monotonic`.
     assert!(metric(&metrics_addr, "sensorlake_readings_accepted_total") <= 1.0);
-    // Bounded by the delivery channel (8192 messages, some of them 300 KB `too_large` ones)
-    // and the flush buffer (64 MiB): about 250-275 MiB measured for 10 s and for 60 s alike.
+    // Bounded by the delivery channel (64 MiB), the flush buffer (64 MiB of payloads, some of
+    // them 300 KB `too_large` ones) and the dead-letter batch built from it: 240-275 MiB
+    // measured for 10, 20 and 60 s alike.
     let rss = p.peak_rss();
     assert!(
         rss < 384 << 20,

@@ -105,6 +105,7 @@ async fn mosquitto_honours_receive_maximum_and_pins_mqtt311_at_max_inflight_mess
 async fn publish_qos(port: u16, topic: &str, n: usize, qos: rumqttc::QoS) {
     let mut o = rumqttc::MqttOptions::new("ack-pub", "127.0.0.1", port);
     o.set_inflight(100);
+    o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = rumqttc::AsyncClient::new(o, 2 * n);
     for i in 0..n {
         client
@@ -252,5 +253,70 @@ async fn a_session_without_the_subscription_is_repaired_on_connect() {
             .unwrap();
         source.acker().ack(&[d.ack]);
     }
+    source.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Queued messages are bounded in bytes as well as in number: with `channel_max_bytes` of
+/// 64 KiB, 10 KiB messages stop queueing at six while the pipeline reads nothing, and all of
+/// them still arrive once it reads.
+#[tokio::test]
+async fn the_delivery_channel_holds_at_most_channel_max_bytes_of_payload() {
+    use sensorlake_ingest::{MqttConfig, MqttSource};
+    let broker = Mosquitto::start();
+    let config = MqttConfig {
+        url: broker.url(),
+        topics: vec!["budget/#".into()],
+        max_packet_bytes: 16 * 1024,
+        channel_max_bytes: 64 * 1024,
+        ..MqttConfig::default()
+    };
+    let mut source = MqttSource::start(&config, "budget-test").unwrap();
+    let events = source.acker().events().clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("subscribed within 10 s");
+
+    let mut o = rumqttc::MqttOptions::new("budget-pub", "127.0.0.1", broker.port);
+    o.set_inflight(100);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 200);
+    for i in 0..50u8 {
+        client
+            .publish(
+                "budget/d",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                vec![i; 10 * 1024],
+            )
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < 50 {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = el.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+    // Give the reader every chance to queue more than it may.
+    tokio::time::sleep(QUIET).await;
+    let queued = source.deliveries.len();
+    assert!(
+        (1..=6).contains(&queued),
+        "{queued} messages of 10 KiB queued under a 64 KiB budget"
+    );
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let d = tokio::time::timeout(Duration::from_secs(10), source.deliveries.recv())
+            .await
+            .expect("every message arrives once the pipeline reads")
+            .unwrap();
+        got.push(d.record.payload[0]);
+        source.acker().ack(&[d.ack]);
+    }
+    assert_eq!(got, (0..50u8).collect::<Vec<_>>());
     source.shutdown(Duration::from_secs(5)).await;
 }

@@ -80,6 +80,11 @@ pub struct MqttConfig {
     /// Messages buffered between the MQTT connection and the pipeline.
     #[serde(default = "default_channel_capacity")]
     pub channel_capacity: usize,
+    /// Payload bytes buffered between the MQTT connection and the pipeline (default 64 MiB):
+    /// with `channel_capacity`, it bounds the memory that queued messages take, however big
+    /// they are. At least `max_packet_bytes`.
+    #[serde(default = "default_channel_max_bytes")]
+    pub channel_max_bytes: usize,
     /// `[mqtt.tls]`: CA, client certificate and key, server name and ALPN of an `mqtts://`
     /// connection. Optional with `mqtts://` (the system's roots are trusted then); an error
     /// with a plain `mqtt://` URL.
@@ -135,6 +140,9 @@ fn default_reconnect_max_ms() -> u64 {
 fn default_channel_capacity() -> usize {
     8192
 }
+fn default_channel_max_bytes() -> usize {
+    64 << 20
+}
 
 impl Default for MqttConfig {
     fn default() -> Self {
@@ -160,6 +168,7 @@ fn toml_free_default() -> MqttConfig {
         password_file: None,
         password: None,
         channel_capacity: default_channel_capacity(),
+        channel_max_bytes: default_channel_max_bytes(),
         tls: None,
     }
 }
@@ -321,6 +330,15 @@ impl MqttConfig {
             return Err(ConfigError::BadValue {
                 field: "max_packet_bytes",
                 why: format!("{} is too small; use at least 1024", self.max_packet_bytes),
+            });
+        }
+        if self.channel_max_bytes < self.max_packet_bytes {
+            return Err(ConfigError::BadValue {
+                field: "channel_max_bytes",
+                why: format!(
+                    "{} is less than mqtt.max_packet_bytes ({}); raise it or lower max_packet_bytes",
+                    self.channel_max_bytes, self.max_packet_bytes
+                ),
             });
         }
         if self.channel_capacity == 0 {

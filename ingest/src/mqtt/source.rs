@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use sensorlake_core::{RawRecord, Reason};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -43,6 +43,9 @@ pub struct Delivery {
     pub record: RawRecord,
     /// Acknowledges this message once it is committed.
     pub ack: AckToken,
+    /// The message's share of `mqtt.channel_max_bytes`, given back when the delivery is
+    /// dropped (once the pipeline has taken the record and the token out of it).
+    _bytes: OwnedSemaphorePermit,
 }
 
 /// What is needed to acknowledge one message: its packet id on the connection (epoch) that
@@ -152,6 +155,10 @@ struct Ctx {
     topics: Vec<String>,
     qos: u8,
     tx: mpsc::Sender<Delivery>,
+    /// Payload bytes that may wait in `tx` (`mqtt.channel_max_bytes`).
+    channel_bytes: Arc<Semaphore>,
+    /// The permits `channel_bytes` started with: no message takes more.
+    channel_max_bytes: usize,
     events: Arc<SourceEvent>,
     stop_intake: CancellationToken,
     /// Send the queued acks, then DISCONNECT, then end.
@@ -181,6 +188,10 @@ impl MqttSource {
     pub fn start(config: &MqttConfig, client_id: &str) -> Result<MqttSource, ConfigError> {
         let (addr, tls) = config.prepare()?;
         let (tx, rx) = mpsc::channel(config.channel_capacity);
+        let channel_max_bytes = config
+            .channel_max_bytes
+            .clamp(1, Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let events = Arc::new(SourceEvent::default());
         let stop_intake = CancellationToken::new();
@@ -202,6 +213,8 @@ impl MqttSource {
             topics: config.topics.clone(),
             qos: config.qos,
             tx,
+            channel_bytes: Arc::new(Semaphore::new(channel_max_bytes)),
+            channel_max_bytes,
             events: events.clone(),
             stop_intake: stop_intake.clone(),
             disconnect: disconnect.clone(),
@@ -567,7 +580,23 @@ async fn read_half<R: AsyncRead + Unpin>(
                 };
                 ctx.messages.increment(1);
                 link.reader_waiting.store(true, Ordering::Relaxed);
-                let sent = ctx.tx.send(Delivery { record, ack }).await;
+                // At most max_packet_bytes (oversize payloads are cut to a prefix), which
+                // validation keeps at or below channel_max_bytes; a long topic on a small
+                // budget is capped so that it can still pass alone.
+                let size =
+                    (record.payload.len() + record.position.len()).min(ctx.channel_max_bytes);
+                let permits = u32::try_from(size).unwrap_or(u32::MAX);
+                let Ok(bytes) = ctx.channel_bytes.clone().acquire_many_owned(permits).await else {
+                    return End::Done;
+                };
+                let sent = ctx
+                    .tx
+                    .send(Delivery {
+                        record,
+                        ack,
+                        _bytes: bytes,
+                    })
+                    .await;
                 link.reader_waiting.store(false, Ordering::Relaxed);
                 if sent.is_err() {
                     return End::Done;
