@@ -318,7 +318,7 @@ async fn run(mut ctx: Ctx, mut acks: mpsc::UnboundedReceiver<Vec<AckToken>>) {
         }
         let delay = ctx.backoff.next_delay();
         warn!(broker = %ctx.addr, error = %error, retry_in_ms = delay.as_millis() as u64,
-              "MQTT connection failed; is the broker running and reachable at this address?");
+              "MQTT connection failed; retrying");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = ctx.disconnect.cancelled() => return,

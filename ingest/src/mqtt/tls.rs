@@ -397,7 +397,16 @@ impl std::fmt::Debug for Stream {
 /// # Errors
 /// The TCP connection fails, or the handshake does (with a message that says what to do).
 pub(crate) async fn connect(addr: &BrokerAddr, tls: Option<&Connector>) -> io::Result<Stream> {
-    let tcp = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+    let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
+        .await
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot reach the broker: {e}; is it running and reachable at this address?"
+                ),
+            )
+        })?;
     tcp.set_nodelay(true)?;
     let Some(tls) = tls else {
         return Ok(Stream::Plain(tcp));
