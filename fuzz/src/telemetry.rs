@@ -177,9 +177,12 @@ pub fn encode(context: Context, payloads: &[&[u8]]) -> Vec<u8> {
 
 /// Runs one input (see the [module docs](self)) and panics when an invariant breaks.
 pub fn run(data: &[u8]) {
-    let Some((&control, rest)) = data.split_first() else {
-        return;
-    };
+    process(data);
+}
+
+/// [`run`], returning what the first call to `process` gave (`None` for an empty input).
+pub fn process(data: &[u8]) -> Option<TransformOutput> {
+    let (&control, rest) = data.split_first()?;
     let context = Context(control);
     let records: Vec<RawRecord> = rest
         .split(|&b| b == SEPARATOR)
@@ -194,6 +197,7 @@ pub fn run(data: &[u8]) {
     let again = transformer.process(context.source(), &records, NOW_MS);
     check_invariants(&again);
     check_redelivery(&first, &again);
+    Some(first)
 }
 
 /// What `transform/src/transformer/tests.rs`'s `check_invariants` asserts: every reading has
