@@ -26,10 +26,8 @@ const TS: &str = "2025-11-27T15:04:05.123Z";
 /// Claim indices into `telemetry::CLAIMED`.
 const NO_CLAIM: usize = 0;
 const CLAIM_ENV: usize = 1;
-const CLAIM_VIB: usize = 2;
-const CLAIM_PWR: usize = 3;
-const CLAIM_TRAVERSAL: usize = 6;
-const CLAIM_NUL: usize = 7;
+const CLAIM_PWR: usize = 2;
+const CLAIM_HOSTILE: usize = 3;
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds");
@@ -138,7 +136,7 @@ fn telemetry_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "valid_vibration",
             one(
-                c.claiming(CLAIM_VIB),
+                c.claiming(NO_CLAIM),
                 reading(
                     r#""vib-000007""#,
                     "vibration",
@@ -335,11 +333,11 @@ fn telemetry_seeds() -> Vec<(&'static str, Vec<u8>)> {
         // Device ids.
         (
             "device_path_traversal",
-            one(c.claiming(CLAIM_TRAVERSAL), env_device(r#""../../etc""#)),
+            one(c.claiming(CLAIM_HOSTILE), env_device(r#""../../etc""#)),
         ),
         (
             "device_nul",
-            one(c.claiming(CLAIM_NUL), env_device(r#""dev\u0000""#)),
+            one(c.claiming(CLAIM_HOSTILE), env_device(r#""dev\u0000""#)),
         ),
         (
             "device_rtl_override",
@@ -392,10 +390,24 @@ fn telemetry_seeds() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
     ];
-    // Just over the default 256 KiB limit: the size check, not the parser, rejects it.
+    // The size and batch-length checks, under the tight limits (the defaults, 256 KiB and
+    // 10,000 readings, would make the fuzzer carry 256 KiB inputs: a seed that size fills the
+    // corpus with large copies of itself and cuts executions per second severalfold).
+    let tight = c.with(Context::TIGHT_LIMITS).claiming(CLAIM_ENV);
     let mut oversize = env(1);
-    oversize.insert_str(1, &format!(r#""pad":"{}","#, "x".repeat(262_144)));
-    seeds.push(("oversize", one(c, oversize)));
+    oversize.insert_str(1, &format!(r#""pad":"{}","#, "x".repeat(1024)));
+    seeds.push(("oversize_tight_limit", one(tight, oversize)));
+    let item = format!(r#"{{"ts":{TS_MS},"seq":1,"metrics":{{}}}}"#);
+    seeds.push((
+        "too_many_readings_tight_limit",
+        one(
+            tight,
+            format!(
+                r#"{{"device_id":"env-000042","type":"env","readings":[{}]}}"#,
+                vec![item; 5].join(",")
+            ),
+        ),
+    ));
     seeds.push((
         "context_byte_only",
         vec![Context::PLAIN.claiming(NO_CLAIM).0],

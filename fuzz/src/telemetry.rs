@@ -28,18 +28,20 @@ pub const NOW_MS: i64 = 1_764_255_900_000;
 /// never valid raw in JSON, so cutting on it loses no valid payload.
 pub const SEPARATOR: u8 = 0x1E;
 
-/// The device ids a record's transport may claim (bits 1-3 of the context byte): none (as for
-/// an MQTT topic that does not name one), the seeds' devices, and hostile ones.
-pub const CLAIMED: [Option<&str>; 8] = [
+/// The device ids a record's transport may claim (bits 1-2 of the context byte): none (as for
+/// an MQTT topic that does not name one), two of the seeds' devices, and a hostile one.
+pub const CLAIMED: [Option<&str>; 4] = [
     None,
     Some("env-000042"),
-    Some("vib-000007"),
     Some("pwr-000001"),
-    Some("env-1"),
-    Some(""),
-    Some("../../etc"),
-    Some("dev\u{0}"),
+    Some("../../etc\u{0}\u{202e}"),
 ];
+
+/// `max_payload_bytes` and `max_readings_per_message` with [`Context::TIGHT_LIMITS`]: small
+/// enough that short inputs reach both checks, which the defaults (256 KiB, 10,000 readings)
+/// put beyond what the fuzzer usually generates.
+pub const TIGHT_MAX_PAYLOAD_BYTES: usize = 1024;
+pub const TIGHT_MAX_READINGS: usize = 4;
 
 /// Registry rows for two of the claimable devices, so enrichment and `unknown_devices =
 /// "reject"` both run.
@@ -60,8 +62,10 @@ pub struct Context(pub u8);
 impl Context {
     /// Bit 0: Kinesis instead of MQTT (the `source` column, the position's shape).
     pub const KINESIS: u8 = 1;
-    /// Bits 1-3: an index into [`CLAIMED`].
+    /// Bits 1-2: an index into [`CLAIMED`].
     pub const CLAIM_SHIFT: u8 = 1;
+    /// Bit 3: [`TIGHT_MAX_PAYLOAD_BYTES`] and [`TIGHT_MAX_READINGS`] instead of the defaults.
+    pub const TIGHT_LIMITS: u8 = 1 << 3;
     /// Bit 4: `unknown_devices = "reject"`.
     pub const REJECT_UNKNOWN_DEVICES: u8 = 1 << 4;
     /// Bit 5: `unknown_metrics = "ignore"`.
@@ -78,8 +82,8 @@ impl Context {
 
     /// The context that claims `CLAIMED[index]`, other bits as in `self`.
     pub fn claiming(self, index: usize) -> Self {
-        let index = u8::try_from(index % CLAIMED.len()).expect("below 8");
-        Context((self.0 & !(0b111 << Self::CLAIM_SHIFT)) | (index << Self::CLAIM_SHIFT))
+        let index = u8::try_from(index % CLAIMED.len()).expect("below 4");
+        Context((self.0 & !(0b11 << Self::CLAIM_SHIFT)) | (index << Self::CLAIM_SHIFT))
     }
 
     /// `self` with `bits` set.
@@ -100,11 +104,11 @@ impl Context {
     }
 
     fn claimed(self) -> Option<&'static str> {
-        CLAIMED[usize::from((self.0 >> Self::CLAIM_SHIFT) & 0b111)]
+        CLAIMED[usize::from((self.0 >> Self::CLAIM_SHIFT) & 0b11)]
     }
 
     fn transformer(self) -> Transformer {
-        let config = TransformConfig {
+        let mut config = TransformConfig {
             unknown_devices: if self.has(Self::REJECT_UNKNOWN_DEVICES) {
                 UnknownDevices::Reject
             } else {
@@ -117,6 +121,10 @@ impl Context {
             },
             ..TransformConfig::default()
         };
+        if self.has(Self::TIGHT_LIMITS) {
+            config.max_payload_bytes = TIGHT_MAX_PAYLOAD_BYTES;
+            config.max_readings_per_message = TIGHT_MAX_READINGS;
+        }
         let mut t = Transformer::new(Arc::clone(&SCHEMA), config, Arc::clone(&REGISTRY_LOADED));
         if self.has(Self::RESTORED) {
             t.restore([
