@@ -37,10 +37,11 @@ pub const CLAIMED: [Option<&str>; 4] = [
     Some("../../etc\u{0}\u{202e}"),
 ];
 
-/// `max_payload_bytes` and `max_readings_per_message` with [`Context::TIGHT_LIMITS`]: small
-/// enough that short inputs reach both checks, which the defaults (256 KiB, 10,000 readings)
-/// put beyond what the fuzzer usually generates.
+/// `max_payload_bytes` with [`Context::TIGHT_LIMITS`]: small enough that short inputs reach
+/// the size check, which the default (256 KiB) puts beyond what the fuzzer usually generates.
 pub const TIGHT_MAX_PAYLOAD_BYTES: usize = 1024;
+/// `max_readings_per_message` with [`Context::TIGHT_LIMITS`], for the same reason (the
+/// default is 10,000).
 pub const TIGHT_MAX_READINGS: usize = 4;
 
 /// Registry rows for two of the claimable devices, so enrichment and `unknown_devices =
