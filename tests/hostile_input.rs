@@ -580,6 +580,15 @@ fn run_tricks(lake_url: &str, env: &[(&str, &str)], store: Arc<dyn ObjectStore>,
         rss >> 20
     );
     assert!(p.terminate().success(), "{}", p.log_text());
+    // The broker reads our last acknowledgements and DISCONNECT when it gets to them: a new
+    // connection that takes the session over first gets the messages those acknowledge
+    // redelivered (counted as duplicates, early rejects dead-lettered again), which is
+    // allowed but not what this test measures.
+    wait_for(
+        "the broker to process the first session's DISCONNECT",
+        Duration::from_secs(30),
+        || broker.log().contains("sensorlake-w0 disconnected"),
+    );
 
     // Across a restart: the same (device_id, seq) again is a duplicate, a new one is accepted.
     let mut p = Pipeline::start(&args, &log, &env);
@@ -600,7 +609,10 @@ fn run_tricks(lake_url: &str, env: &[(&str, &str)], store: Arc<dyn ObjectStore>,
     );
     assert_eq!(
         metric(&metrics_addr, "sensorlake_readings_duplicate_total"),
-        1.0
+        1.0,
+        "{}\n{}",
+        p.log_text(),
+        broker.log()
     );
     assert!(p.terminate().success(), "{}", p.log_text());
 
