@@ -402,6 +402,16 @@ fn publish(port: u16, messages: &[(String, Vec<u8>)]) {
     });
 }
 
+/// What a dead letter keeps of `payload`: all of it, or the first 4 KiB of a message over the
+/// 1 MiB MQTT packet limit (`mqtt.max_packet_bytes`).
+fn kept(payload: &[u8]) -> &[u8] {
+    if payload.len() > 1 << 20 {
+        &payload[..4096]
+    } else {
+        payload
+    }
+}
+
 /// Every object under the store's root, as `(path, bytes)`.
 fn objects(store: &Arc<dyn ObjectStore>) -> Vec<(String, Bytes)> {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -622,12 +632,7 @@ fn run_tricks(lake_url: &str, env: &[(&str, &str)], store: Arc<dyn ObjectStore>,
     for t in &tricks {
         match &t.expect {
             Expect::Dead(code) => {
-                let kept = if t.payload.len() > 1 << 20 {
-                    &t.payload[..4096]
-                } else {
-                    &t.payload[..]
-                };
-                want_dead.push(((*code).to_owned(), kept.to_vec()));
+                want_dead.push(((*code).to_owned(), kept(&t.payload).to_vec()));
             }
             Expect::Accepted(d, s) => want_ok.push((d.clone(), *s)),
             Expect::Duplicate => {}
@@ -643,12 +648,7 @@ fn run_tricks(lake_url: &str, env: &[(&str, &str)], store: Arc<dyn ObjectStore>,
     }
     for t in &tricks {
         if let Expect::Dead(code) = &t.expect {
-            let kept = &t.payload[..t.payload.len().min(if t.payload.len() > 1 << 20 {
-                4096
-            } else {
-                usize::MAX
-            })];
-            let reasons = got_dead.get(kept).cloned().unwrap_or_default();
+            let reasons = got_dead.get(kept(&t.payload)).cloned().unwrap_or_default();
             assert!(
                 reasons.iter().any(|r| r == code),
                 "trick `{}`: expected a `{code}` dead letter, found {reasons:?}",

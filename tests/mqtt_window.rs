@@ -13,6 +13,17 @@ use common::Mosquitto;
 /// No publish for this long means the broker has stopped sending.
 const QUIET: Duration = Duration::from_millis(700);
 
+/// Waits up to 10 s for the source to be subscribed; panics with `what` otherwise.
+async fn wait_subscribed(events: &sensorlake_ingest::mqtt::SourceEvent, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect(what);
+}
+
 /// Publishes `n` QoS 1 messages and waits for the broker's acknowledgements.
 async fn publish(port: u16, topic: &str, n: usize) {
     let mut o = rumqttc::MqttOptions::new("window-pub", "127.0.0.1", port);
@@ -147,13 +158,7 @@ async fn acknowledgements_leave_while_the_pipeline_reads_nothing() {
         let client_id = format!("ack-test-{qos}");
         let mut source = MqttSource::start(&config, &client_id).unwrap();
         let events = source.acker().events().clone();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("subscribed within 10 s");
+        wait_subscribed(&events, "subscribed within 10 s").await;
         publish_qos(broker.port, "acks/d", 200, publish_qos_level).await;
 
         // Take 20 messages; the channel (4) and the reader fill up behind them.
@@ -237,13 +242,7 @@ async fn a_session_without_the_subscription_is_repaired_on_connect() {
     };
     let mut source = MqttSource::start(&config, "repair-test").unwrap();
     let events = source.acker().events().clone();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("subscribed although the broker kept a session");
+    wait_subscribed(&events, "subscribed although the broker kept a session").await;
     assert!(events.connects.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     publish_qos(broker.port, "repair/d", 5, rumqttc::QoS::AtLeastOnce).await;
     for _ in 0..5 {
@@ -272,13 +271,7 @@ async fn the_delivery_channel_holds_at_most_channel_max_bytes_of_payload() {
     };
     let mut source = MqttSource::start(&config, "budget-test").unwrap();
     let events = source.acker().events().clone();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !events.subscribed.load(std::sync::atomic::Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("subscribed within 10 s");
+    wait_subscribed(&events, "subscribed within 10 s").await;
 
     let mut o = rumqttc::MqttOptions::new("budget-pub", "127.0.0.1", broker.port);
     o.set_inflight(100);

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{BrokerAddr, ConfigError, MqttConfig};
 use super::tls;
-use super::wire::{ConnectOptions, Incoming, OVERSIZE_PREFIX, Wire};
+use super::wire::{ConnectOptions, Incoming, Wire};
 use crate::backoff::Backoff;
 
 /// One received message and the token that acknowledges it.
@@ -478,11 +478,6 @@ async fn next_packet<R: AsyncRead + Unpin>(
     }
 }
 
-/// How much of an oversize payload the dead letter keeps.
-fn payload_len_kept(len: usize) -> usize {
-    len.min(OVERSIZE_PREFIX)
-}
-
 /// Passes over the next `n` bytes of the connection: first what is in `buf`, then reads into
 /// `buf` and drops what it reads, so memory stays at one read chunk whatever `n` is.
 async fn skip_bytes<R: AsyncRead + Unpin>(
@@ -554,6 +549,8 @@ async fn read_half<R: AsyncRead + Unpin>(
                         .fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                // What the wire kept of an oversize payload (its first OVERSIZE_PREFIX bytes).
+                let kept = payload.len();
                 let record = RawRecord {
                     payload,
                     claimed_device_id: claimed_device(&topic),
@@ -568,7 +565,7 @@ async fn read_half<R: AsyncRead + Unpin>(
                                  lets sensorlake buffer; only its first {} bytes are kept",
                                 o.payload_len,
                                 ctx.wire.max_incoming(),
-                                payload_len_kept(o.payload_len),
+                                kept,
                             ),
                         ))
                     }),
